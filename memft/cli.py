@@ -1,0 +1,123 @@
+"""The `memft` command line.
+
+    memft finetune RECIPE [key=value ...] [--resume [CHECKPOINT]] [--overwrite]
+    memft validate RECIPE [key=value ...]
+    memft recipes                      list the shipped recipes
+    memft schema [SECTION]             every recipe field with its default and help
+
+RECIPE is a YAML file or the name of a shipped recipe (`memft finetune quickstart`). Problems with the
+input exit with code 2 and one readable message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from memft.errors import MemftError, RecipeError
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+def resolve_recipe(name_or_path: str) -> Path:
+    """A path to a YAML file, or the name of a shipped recipe (without .yaml)."""
+    path = Path(name_or_path)
+    if path.exists() or path.suffix in (".yaml", ".yml"):
+        return path
+    shipped = RECIPES_DIR / f"{name_or_path}.yaml"
+    if shipped.exists():
+        return shipped
+    raise RecipeError(f"Recipe '{name_or_path}' is neither a file nor a shipped recipe. Shipped recipes: "
+                      f"{', '.join(shipped_recipes())}.")
+
+
+def shipped_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def _recipe_summary(path: Path) -> str:
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+# ------------------------------------------------------------------------------------------ commands
+def cmd_finetune(args) -> int:
+    from memft.train.loop import finetune
+    from memft.train.recipe import load_recipe
+
+    recipe = load_recipe(resolve_recipe(args.recipe), args.overrides)
+    result = finetune(recipe, resume=args.resume if args.resume is not None else False, overwrite=args.overwrite)
+    if result.interrupted:
+        print(f"Interrupted at step {result.steps}; checkpoint saved. Continue with: memft finetune "
+              f"{args.recipe} {' '.join(args.overrides)} --resume".rstrip(), file=sys.stderr)
+        return 130
+    first, last = result.losses[0] if result.losses else float("nan"), result.losses[-1] if result.losses else 0
+    print(f"Finished {result.steps} steps: loss {first:.4f} -> {last:.4f}"
+          + (f", eval loss {result.eval['eval_loss']:.4f}" if result.eval else "")
+          + f". Model in {result.output_dir / 'final'}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from memft.train.builders import check_compatibility
+    from memft.train.recipe import load_recipe
+
+    recipe = load_recipe(resolve_recipe(args.recipe), args.overrides)
+    check_compatibility(recipe)
+    print(f"{args.recipe}: valid.")
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    for name in shipped_recipes():
+        print(f"{name:28s} {_recipe_summary(RECIPES_DIR / f'{name}.yaml')}")
+    return 0
+
+
+def cmd_schema(args) -> int:
+    from memft.train.schema_doc import describe_schema
+
+    print(describe_schema(args.section))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memft", description="Memory-efficient fine-tuning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("finetune", help="train a recipe")
+    p.add_argument("recipe", help="recipe YAML file or shipped recipe name")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=50")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                   help="continue from the latest checkpoint of train.output_dir, or from CHECKPOINT")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in train.output_dir")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("validate", help="check a recipe without running it")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("recipes", help="list the shipped recipes")
+    p.set_defaults(func=cmd_recipes)
+
+    p = sub.add_parser("schema", help="print every recipe field with default and help")
+    p.add_argument("section", nargs="?", help="only this section (e.g. optimizer)")
+    p.set_defaults(func=cmd_schema)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MemftError as exc:
+        print(f"memft {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

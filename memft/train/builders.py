@@ -1,0 +1,140 @@
+"""The builders every entry point shares: recipe sections -> adapters, patches, optimizer, schedule.
+
+This is where methods plug in. Each method section of the recipe maps, by `name`, to one builder in a
+registry below; the training loop, the CLI, the memory estimator and the HF Trainer integration all call
+`prepare_model` and `build_optimizer`, so a method is implemented once.
+
+An optimizer builder returns an `OptimizerPlan`: the optimizer plus how the loop must drive it
+(`backprop`: backward then step; `zeroth_order`: `step(closure)` with a forward-only closure;
+`in_backward`: parameters step inside backward, the loop only marks micro-batches and finishes the step).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+
+from memft.errors import RecipeError
+from memft.train.recipe import Recipe
+
+StepKind = Literal["backprop", "zeroth_order", "in_backward"]
+
+
+@dataclass
+class OptimizerPlan:
+    optimizer: torch.optim.Optimizer
+    step_kind: StepKind = "backprop"
+
+
+@dataclass
+class PreparedModel:
+    """The model after adapters and patches, with a way to undo the patches (not the adapter)."""
+
+    model: torch.nn.Module
+    undo: list[Callable[[], None]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------- adapters
+def _apply_lora(model, section, recipe: Recipe) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=section.r, lora_alpha=section.alpha, lora_dropout=section.dropout,
+                        target_modules=section.target_modules, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise RecipeError(f"adapter.target_modules: {exc}") from None
+
+
+ADAPTERS: dict[str, Callable] = {"lora": _apply_lora}
+ACTIVATIONS: dict[str, Callable] = {}
+LOSSES: dict[str, Callable] = {}
+
+
+def check_compatibility(recipe: Recipe) -> None:
+    """Refuse combinations that cannot work, before anything is loaded."""
+    problems = []
+    if recipe.model.dtype == "float16" and recipe.train.mixed_precision == "no" and recipe.optimizer.name != "mezo":
+        problems.append("model.dtype float16 with train.mixed_precision 'no' trains pure fp16 weights, which "
+                        "underflow; load float32 with mixed_precision fp16, or use bfloat16")
+    if recipe.train.mixed_precision == "fp16" and recipe.model.dtype != "float32":
+        problems.append("train.mixed_precision fp16 needs float32 master weights (model.dtype float32) for "
+                        "gradient scaling")
+    if problems:
+        raise RecipeError("The recipe combines settings that cannot work together:\n"
+                          + "\n".join(f"  - {p}." for p in problems))
+
+
+def prepare_model(model: torch.nn.Module, recipe: Recipe) -> PreparedModel:
+    """Apply the adapter, then activation compression, then the loss patch."""
+    prepared = PreparedModel(model)
+    if recipe.adapter.name != "none":
+        prepared.model = ADAPTERS[recipe.adapter.name](prepared.model, recipe.adapter, recipe)
+    if recipe.activations.name != "none":
+        ACTIVATIONS[recipe.activations.name](prepared, recipe.activations)
+    if recipe.loss.name != "cross_entropy":
+        LOSSES[recipe.loss.name](prepared, recipe.loss)
+    return prepared
+
+
+# ----------------------------------------------------------------------------------------- optimizers
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise RecipeError("The model has no trainable parameters (check adapter.target_modules).")
+    return params
+
+
+def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (not biases or norm scales), the usual convention for LMs."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    trainable_parameters(model)
+    return [g for g in ({"params": decay, "weight_decay": weight_decay},
+                        {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+def _adamw(model, s) -> OptimizerPlan:
+    return OptimizerPlan(torch.optim.AdamW(_decay_groups(model, s.weight_decay), lr=s.lr, betas=s.betas,
+                                           eps=s.eps))
+
+
+def _adamw8bit(model, s) -> OptimizerPlan:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise RecipeError("optimizer.name adamw8bit needs bitsandbytes: pip install 'memft[bnb]'.") from None
+    return OptimizerPlan(bnb.optim.AdamW8bit(_decay_groups(model, s.weight_decay), lr=s.lr, betas=s.betas,
+                                             eps=s.eps))
+
+
+def _sgd(model, s) -> OptimizerPlan:
+    return OptimizerPlan(torch.optim.SGD(_decay_groups(model, s.weight_decay), lr=s.lr, momentum=s.momentum))
+
+
+OPTIMIZERS: dict[str, Callable] = {"adamw": _adamw, "adamw8bit": _adamw8bit, "sgd": _sgd}
+
+
+def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> OptimizerPlan:
+    return OPTIMIZERS[recipe.optimizer.name](model, recipe.optimizer)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup to the peak lr, then constant, linear or cosine decay to `min_lr_ratio` of it."""
+    t = recipe.train
+    decay_steps = max(1, t.max_steps - t.warmup_steps)
+
+    def factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / (t.warmup_steps + 1)
+        progress = min(1.0, (step - t.warmup_steps) / decay_steps)
+        if t.lr_schedule == "constant":
+            return 1.0
+        shape = 1.0 - progress if t.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return t.min_lr_ratio + (1.0 - t.min_lr_ratio) * shape
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

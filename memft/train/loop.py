@@ -1,0 +1,231 @@
+"""The training loop: one screen, on `accelerate.Accelerator`.
+
+    recipe -> model (+ adapter, compressors, loss patch) -> data -> optimizer plan -> steps -> checkpoints
+
+Each optimizer step consumes `grad_accum` micro-batches. The loss of a micro-batch is its token-loss sum
+divided by the number of trainable tokens in the whole step (`num_items_in_batch`, as HF does), so the
+accumulated gradient equals the gradient of the step's mean loss exactly. How the step is driven comes
+from the optimizer plan (`backprop`, `zeroth_order`, `in_backward`; see memft.train.builders).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from memft.errors import RunError
+from memft.train import builders, checkpoint
+from memft.train.data import BatchOrder, Splits, build_splits, collate
+from memft.train.models import load_model, load_tokenizer, max_positions
+from memft.train.progress import Progress
+from memft.train.recipe import Recipe
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    eval: dict | None = None
+    peak_bytes: int | None = None
+    interrupted: bool = False
+
+
+def count_items(micro_batches: list[dict]) -> int:
+    """Trainable tokens after the causal shift (labels[:, 1:] != -100)."""
+    return int(sum((b["labels"][:, 1:] != -100).sum() for b in micro_batches))
+
+
+def micro_batch_loss(model, batch: dict, num_items: int) -> torch.Tensor:
+    """Token-loss sum of this micro-batch divided by `num_items` (the whole step's trainable tokens)."""
+    return model(**batch, num_items_in_batch=num_items).loss
+
+
+class Trainer:
+    """Runs one recipe: `Trainer(recipe, resume=False, overwrite=False).run()`.
+
+    `resume`: False, True/"latest" (the output directory's latest checkpoint) or a checkpoint path.
+    The output directory is checked before the model and data are loaded.
+    """
+
+    def __init__(self, recipe: Recipe, resume: str | bool = False, overwrite: bool = False):
+        from accelerate import Accelerator
+
+        builders.check_compatibility(recipe)
+        self.recipe = recipe
+        self.out = Path(recipe.train.output_dir)
+        t = recipe.train
+        self.resume = resume
+        self.accelerator = Accelerator(cpu=t.device == "cpu", mixed_precision=t.mixed_precision)
+        if self.accelerator.is_main_process:
+            checkpoint.prepare_output_dir(self.out, recipe.model_dump(mode="json"), bool(resume), overwrite)
+        torch.manual_seed(t.seed)
+        self.tokenizer = load_tokenizer(recipe.model)
+        model = load_model(recipe.model)
+        limit = max_positions(model)
+        if limit is not None and recipe.data.max_seq_len > limit:
+            raise RunError(f"data.max_seq_len={recipe.data.max_seq_len} exceeds the model's limit of {limit} "
+                           f"positions. Set data.max_seq_len to at most {limit}.")
+        self.splits: Splits = build_splits(recipe.data, self.tokenizer, t.seed)
+        self.prepared = builders.prepare_model(model, recipe)
+        self.plan = builders.build_optimizer(self.prepared.model, recipe)
+        self.scheduler = builders.build_scheduler(self.plan.optimizer, recipe)
+        if self.plan.step_kind == "backprop":
+            self.model, self.optimizer = self.accelerator.prepare(self.prepared.model, self.plan.optimizer)
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(self.prepared.model), self.plan.optimizer
+        acc = self.accelerator
+        self.order = BatchOrder(len(self.splits.train), t.batch_size, t.seed, acc.process_index,
+                                acc.num_processes)
+        self.step, self.tokens_seen, self._stop_requested = 0, 0, False
+
+    # ----------------------------------------------------------------------------------- one step
+    def _next_micro_batches(self) -> list[dict]:
+        pad = self.tokenizer.pad_token_id
+        return [collate([self.splits.train[i] for i in self.order.next_indices()], pad)
+                for _ in range(self.recipe.train.grad_accum)]
+
+    def train_step(self, micro: list[dict]) -> float:
+        """One optimizer step over `micro`; returns the step's mean token loss."""
+        acc, model, opt = self.accelerator, self.model, self.optimizer
+        micro = [{k: v.to(acc.device) for k, v in b.items()} for b in micro]
+        n_items = count_items(micro)
+        if self.plan.step_kind == "zeroth_order":
+            def closure() -> torch.Tensor:
+                with torch.no_grad():
+                    return sum(micro_batch_loss(model, b, n_items) for b in micro)
+            loss = float(opt.step(closure))
+        else:
+            total = 0.0
+            for i, batch in enumerate(micro):
+                if self.plan.step_kind == "in_backward":
+                    opt.set_micro_batch(i, len(micro))
+                sync = acc.no_sync(model) if i < len(micro) - 1 and acc.num_processes > 1 else nullcontext()
+                with sync:
+                    loss = micro_batch_loss(model, batch, n_items)
+                    acc.backward(loss)
+                total += loss.detach().float().item()
+            loss = total
+            if self.plan.step_kind == "backprop" and self.recipe.train.max_grad_norm is not None:
+                acc.clip_grad_norm_(model.parameters(), self.recipe.train.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if not math.isfinite(loss):
+            raise RunError(f"The loss became {loss} at step {self.step + 1}; training stopped. The last good "
+                           f"checkpoint in '{self.out / 'checkpoints'}' is kept. Lower optimizer.lr, enable "
+                           "train.max_grad_norm, or use bfloat16/float32.")
+        if not getattr(opt, "step_was_skipped", False):
+            self.scheduler.step()
+        self.tokens_seen += int(sum(b["attention_mask"].sum() for b in micro))
+        return loss
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean token loss and perplexity over the eval split (or its first `eval_batches` batches)."""
+        if not self.splits.eval:
+            return {}
+        self.model.eval()
+        t, pad, device = self.recipe.train, self.tokenizer.pad_token_id, self.accelerator.device
+        batches = [self.splits.eval[i: i + t.batch_size] for i in range(0, len(self.splits.eval), t.batch_size)]
+        total, count = 0.0, 0
+        for examples in batches[: t.eval_batches]:
+            batch = {k: v.to(device) for k, v in collate(examples, pad).items()}
+            n = count_items([batch])
+            if n:
+                total += micro_batch_loss(self.model, batch, n).float().item() * n
+                count += n
+        self.model.train()
+        loss = total / max(count, 1)
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}
+
+    # ------------------------------------------------------------------------------------ the run
+    def _loop_state(self) -> dict:
+        return {"data": self.order.state_dict(), "tokens_seen": self.tokens_seen}
+
+    def save(self) -> Path:
+        t = self.recipe.train
+        model = self.accelerator.unwrap_model(self.model)
+        return checkpoint.save_checkpoint(self.out / "checkpoints", self.step, model, self.optimizer,
+                                          self.scheduler, self._loop_state(), t.keep_checkpoints)
+
+    def _resume(self, resume: str | bool) -> None:
+        path = checkpoint.find_checkpoint(self.out, resume)
+        state = checkpoint.load_checkpoint(path, self.accelerator.unwrap_model(self.model), self.optimizer,
+                                           self.scheduler)
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.order.load_state_dict(state["data"])
+
+    def run(self) -> RunResult:
+        t = self.recipe.train
+        if self.accelerator.is_main_process:
+            checkpoint.write_run_file(self.out, self.recipe.model_dump(mode="json"))
+        self.accelerator.wait_for_everyone()
+        if self.resume:
+            self._resume(self.resume)
+        result = RunResult(self.out, self.step)
+        metrics = open(self.out / "metrics.jsonl", "a") if self.accelerator.is_main_process else None
+        previous_handler = signal.signal(signal.SIGINT, self._request_stop)
+        self.model.train()
+        try:
+            with Progress(t.max_steps, self.step, enabled=self.accelerator.is_main_process) as progress:
+                interval_start, interval_tokens = time.perf_counter(), self.tokens_seen
+                while self.step < t.max_steps and not self._stop_requested:
+                    loss = self.train_step(self._next_micro_batches())
+                    self.step += 1
+                    result.losses.append(loss)
+                    lr = self.scheduler.get_last_lr()[0]
+                    elapsed = time.perf_counter() - interval_start
+                    tps = (self.tokens_seen - interval_tokens) / max(elapsed, 1e-9)
+                    progress.update(self.step, loss=loss, lr=lr, tokens_per_s=tps)
+                    if self.step % t.log_every == 0 or self.step == t.max_steps:
+                        self._write(metrics, {"step": self.step, "loss": loss, "lr": lr, "tokens": self.tokens_seen,
+                                              "tokens_per_s": tps})
+                        interval_start, interval_tokens = time.perf_counter(), self.tokens_seen
+                    if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
+                        self._write(metrics, {"step": self.step, **self.evaluate()})
+                    if t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps:
+                        self.save()
+            result.interrupted = self._stop_requested
+            self.save()
+            if not result.interrupted:
+                result.eval = self.evaluate()
+                self._write(metrics, {"step": self.step, **result.eval})
+                self._save_final()
+        finally:
+            signal.signal(signal.SIGINT, previous_handler)
+            if metrics:
+                metrics.close()
+        result.steps = self.step
+        return result
+
+    def _request_stop(self, signum, frame) -> None:
+        if self._stop_requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self._stop_requested = True
+
+    def _write(self, handle, record: dict) -> None:
+        if handle is not None and record:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+
+    def _save_final(self) -> None:
+        """`final/`: a directory `from_pretrained` (or `PeftModel.from_pretrained`) loads."""
+        if not self.accelerator.is_main_process:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        for undo in reversed(self.prepared.undo):
+            undo()
+        model.save_pretrained(self.out / "final", safe_serialization=True)
+        self.tokenizer.save_pretrained(self.out / "final")
+
+
+def finetune(recipe: Recipe, resume: str | bool = False, overwrite: bool = False) -> RunResult:
+    """Run a recipe end to end (the Python API behind `memft finetune`)."""
+    return Trainer(recipe, resume=resume, overwrite=overwrite).run()

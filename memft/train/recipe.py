@@ -1,0 +1,327 @@
+"""The recipe: a validated description of one fine-tuning run.
+
+A recipe is YAML read with `yaml.safe_load`, overridden by dotted `key=value` pairs from the command
+line, and validated by the pydantic models below. Every field has a help text (`memft schema` prints
+them with defaults). Unknown keys are errors with a "did you mean"; all problems are reported together,
+each with its path in the recipe.
+
+Method sections (`optimizer`, `activations`, `loss`, `adapter`) are tagged unions keyed by `name`: each
+method accepts exactly its own options, so a GaLore knob given to plain AdamW is an error, not a no-op.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from memft.errors import RecipeError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# --------------------------------------------------------------------------------------------- model
+class ModelSection(Section):
+    name_or_path: str = Field("memft:tiny-llama", description="Hub id, local directory, or a bundled model "
+                              "('memft:tiny-llama', a ~0.9M-parameter Llama that runs offline).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Dtype the weights are "
+                                                             "loaded in.")
+    attn_implementation: Literal["eager", "sdpa"] = Field("sdpa", description="Attention kernel; 'eager' "
+                                                          "materialises the attention matrix (needed by "
+                                                          "compressors that store softmax outputs).")
+    gradient_checkpointing: bool = Field(False, description="Recompute layer activations in backward "
+                                         "(non-reentrant) instead of storing them.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub/directory to run. Off "
+                                    "unless you trust the source.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+
+
+# ---------------------------------------------------------------------------------------------- data
+class DatasetSource(Section):
+    path: str = Field(..., description="Local .jsonl/.json/.csv/.parquet/.txt file, a hub dataset name, or a "
+                      "bundled set ('memft:alpaca', 'memft:chat', 'memft:text').")
+    format: Literal["text", "alpaca", "chat"] = Field(..., description="'text': plain text in `text_field`; "
+                                                     "'alpaca': instruction/input/output; 'chat': `messages` "
+                                                     "with roles, rendered by the tokenizer's chat template.")
+    split: str = Field("train", description="Split to read (hub datasets; local files have one 'train' split).")
+    text_field: str = Field("text", description="Column holding the text for format 'text'.")
+    max_examples: int | None = Field(None, ge=1, description="Use at most this many rows (first rows).")
+
+
+class DataSection(Section):
+    train: DatasetSource = Field(default_factory=lambda: DatasetSource(path="memft:alpaca", format="alpaca"),
+                                 description="Training data.")
+    eval: DatasetSource | None = Field(None, description="Evaluation data; if absent, `eval_fraction` of the "
+                                       "training rows is held out.")
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Fraction of training rows held out for "
+                                 "evaluation when `eval` is not given (0 disables evaluation).")
+    max_seq_len: int = Field(256, ge=8, description="Sequences are truncated (or packed) to this many tokens; "
+                             "must not exceed the model's maximum positions.")
+    packing: bool = Field(False, description="Concatenate examples into full-length sequences (no padding).")
+    loss_on: Literal["response", "all"] = Field("response", description="For alpaca/chat: train only on "
+                                                "response tokens ('response') or on every token ('all').")
+
+
+# ------------------------------------------------------------------------------------------ optimizer
+class _OptimizerCommon(Section):
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
+
+
+class _AdamKnobs(_OptimizerCommon):
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam moment coefficients.")
+    eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
+
+
+class AdamWSection(_AdamKnobs):
+    name: Literal["adamw"] = Field("adamw", description="torch.optim.AdamW.")
+
+
+class AdamW8bitSection(_AdamKnobs):
+    name: Literal["adamw8bit"] = Field(..., description="bitsandbytes block-wise 8-bit AdamW.")
+
+
+class SGDSection(_OptimizerCommon):
+    name: Literal["sgd"] = Field(..., description="torch.optim.SGD.")
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum.")
+
+
+OptimizerSection = Annotated[Union[AdamWSection, AdamW8bitSection, SGDSection],  # noqa: UP007
+                             Field(discriminator="name")]
+
+
+# ------------------------------------------------------------------------------------- activations
+class NoActivationCompression(Section):
+    name: Literal["none"] = Field("none", description="Store activations as autograd does.")
+
+
+ActivationsSection = Annotated[Union[NoActivationCompression], Field(discriminator="name")]  # noqa: UP007
+
+
+# ---------------------------------------------------------------------------------------------- loss
+class CrossEntropySection(Section):
+    name: Literal["cross_entropy"] = Field("cross_entropy", description="The model's own loss on full logits.")
+
+
+LossSection = Annotated[Union[CrossEntropySection], Field(discriminator="name")]  # noqa: UP007
+
+
+# ------------------------------------------------------------------------------------------- adapter
+class NoAdapter(Section):
+    name: Literal["none"] = Field("none", description="Train the model's weights directly.")
+
+
+class LoRASection(Section):
+    name: Literal["lora"] = Field(..., description="LoRA adapters through peft (arXiv 2106.09685).")
+    r: int = Field(16, ge=1, description="Adapter rank.")
+    alpha: float = Field(32.0, gt=0, description="Scale numerator: updates are scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module name suffixes that receive adapters, or 'all-linear'.")
+
+
+AdapterSection = Annotated[Union[NoAdapter, LoRASection], Field(discriminator="name")]  # noqa: UP007
+
+
+# --------------------------------------------------------------------------------------------- train
+class TrainSection(Section):
+    output_dir: str = Field("runs/quickstart", description="Directory for checkpoints, metrics and reports.")
+    max_steps: int = Field(100, ge=1, description="Optimizer steps to run.")
+    batch_size: int = Field(8, ge=1, description="Sequences per micro-batch (per process).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="Decay after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps from 0 to the peak lr.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final lr as a fraction of the peak (linear/cosine).")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast precision for compute.")
+    seed: int = Field(0, description="Seed for initialisation, data order and dropout.")
+    log_every: int = Field(10, ge=1, description="Steps between metric lines in metrics.jsonl.")
+    eval_every: int | None = Field(None, ge=1, description="Steps between evaluations (null: only at the end).")
+    eval_batches: int | None = Field(None, ge=1, description="Evaluate on at most this many batches.")
+    save_every: int | None = Field(None, ge=1, description="Steps between checkpoints (null: only at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints to keep.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' uses CUDA when available.")
+
+
+class DistributedSection(Section):
+    engine: Literal["none"] = Field("none", description="Single process.")
+
+
+class MemorySection(Section):
+    report: bool = Field(True, description="Write memory.json, memory.md and memory.png into output_dir.")
+    track: bool = Field(True, description="Account tensor storage exactly during training (costs some "
+                        "speed per op; CUDA allocator peaks are always recorded on GPUs).")
+    budget_gib: float | None = Field(None, gt=0, description="Warn when the measured peak exceeds this.")
+
+
+class Recipe(Section):
+    """A complete fine-tuning run."""
+
+    model: ModelSection = Field(default_factory=ModelSection, description="Which model to load and how.")
+    data: DataSection = Field(default_factory=DataSection, description="Datasets and tokenisation.")
+    optimizer: OptimizerSection = Field(default_factory=AdamWSection, description="Optimizer and its knobs.")
+    activations: ActivationsSection = Field(default_factory=NoActivationCompression,
+                                            description="Activation compressor.")
+    loss: LossSection = Field(default_factory=CrossEntropySection, description="Loss computation.")
+    adapter: AdapterSection = Field(default_factory=NoAdapter, description="Parameter-efficient adapter.")
+    train: TrainSection = Field(default_factory=TrainSection, description="Training loop settings.")
+    distributed: DistributedSection = Field(default_factory=DistributedSection, description="Parallelism.")
+    memory: MemorySection = Field(default_factory=MemorySection, description="Memory measurement and reports.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_method_names(cls, data: Any) -> Any:
+        """A method section without `name` takes the section's default method."""
+        if isinstance(data, dict):
+            defaults = {"optimizer": "adamw", "activations": "none", "loss": "cross_entropy", "adapter": "none"}
+            for key, name in defaults.items():
+                if isinstance(data.get(key), dict) and "name" not in data[key]:
+                    data = {**data, key: {"name": name, **data[key]}}
+        return data
+
+
+# ------------------------------------------------------------------------------- loading and errors
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], value), the value typed by YAML (`lr=1e-3` stays a string and
+    pydantic converts it, `r=8` is an int, `packing=true` a bool, `x=null` None, `l=[a, b]` a list)."""
+    if "=" not in text:
+        raise RecipeError(f"Override '{text}' is not of the form key=value (for example train.max_steps=50).")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise RecipeError(f"Override '{text}' has an empty key part; write dotted keys like optimizer.lr=1e-3.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"Override '{text}': the value is not valid YAML ({exc.problem}).") from None
+    return parts, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(parts[: i + 1])
+                raise RecipeError(f"Override '{text}': '{where}' is a value, not a section, so it has no keys.")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_recipe_data(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"Recipe file '{path}' does not exist or is not a file. Check the path, or run "
+                          "`memft recipes` to list the shipped recipes.")
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise RecipeError(f"Recipe file '{path}' cannot be read: {exc.strerror}.") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError(f"Recipe file '{path}' is not valid YAML{where}: {problem}.") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"Recipe file '{path}' must hold a mapping of sections (model, data, optimizer, ...), "
+                          f"not a {type(data).__name__}.")
+    return data
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe; raise RecipeError listing every problem."""
+    data = load_recipe_data(path) if path is not None else {}
+    data = apply_overrides(data, overrides or [])
+    return validate_recipe(data, source=str(path) if path else "recipe")
+
+
+def validate_recipe(data: dict, source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe(err) for err in exc.errors()]
+        raise RecipeError(f"{source} has {len(lines)} problem{'s' * (len(lines) > 1)}:\n"
+                          + "\n".join(f"  - {line}" for line in lines)) from None
+
+
+def _describe(err: dict) -> str:
+    loc, parent = _walk(err["loc"])
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    kind, ctx = err["type"], err.get("ctx", {})
+    if kind == "extra_forbidden":
+        known = _keys_of(parent)
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+        hint = f" Did you mean '{close[0]}'?" if close else (f" Known keys: {', '.join(known)}." if known else "")
+        return f"{path}: unknown key.{hint}"
+    if kind == "union_tag_invalid":
+        options = [o.strip(" '") for o in str(ctx.get("expected_tags", "")).split(",") if o.strip()]
+        close = difflib.get_close_matches(str(ctx.get("tag")), options, n=1, cutoff=0.5)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        return f"{path}.name: '{ctx.get('tag')}' is not a known method; choose one of {', '.join(options)}.{hint}"
+    if kind == "missing":
+        return f"{path}: required key is missing."
+    return f"{path}: {err['msg']} (got {err.get('input')!r})."
+
+
+def _walk(loc: tuple) -> tuple[tuple, Any]:
+    """Follow an error location through the schema. Returns the location without the union tags pydantic
+    inserts (optimizer.galore_adamw.rank -> optimizer.rank) and the section holding its last key."""
+    clean: list = []
+    model: Any = Recipe
+    parent: Any = None
+    i = 0
+    while i < len(loc):
+        part, parent = loc[i], model
+        clean.append(part)
+        fields = model.model_fields if isinstance(model, type) else {}
+        members = _members(fields[part].annotation) if isinstance(part, str) and part in fields else []
+        model = members[0] if len(members) == 1 else None
+        if len(members) > 1:
+            by_tag = {_tag(m): m for m in members}
+            if i + 1 < len(loc) and loc[i + 1] in by_tag:
+                model, i = by_tag[loc[i + 1]], i + 1
+            else:
+                model = members
+        i += 1
+    return tuple(clean), parent
+
+
+def _members(annotation) -> list:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    if get_origin(annotation) is Annotated:
+        return _members(get_args(annotation)[0])
+    out = []
+    for arg in get_args(annotation) or ():
+        out += _members(arg)
+    return out
+
+
+def _tag(section: type[BaseModel]) -> str:
+    return get_args(section.model_fields["name"].annotation)[0]
+
+
+def _keys_of(section: Any) -> list[str]:
+    if isinstance(section, list):  # a method section whose method is unknown: every method's keys
+        return sorted({k for m in section for k in m.model_fields})
+    return list(section.model_fields) if isinstance(section, type) else []
+
+
+def method_names(section: str) -> list[str]:
+    """Method names accepted by a tagged section, e.g. method_names('optimizer')."""
+    return [_tag(m) for m in _members(Recipe.model_fields[section].annotation)]
