@@ -49,6 +49,8 @@ def load_rows(source: DatasetSource, key: str):
         if not local.is_file():
             raise DataError(f"{key}.path: file '{path}' does not exist. Check the path (relative paths are "
                             "resolved from the current directory).")
+        if _is_blank(local):
+            raise DataError(f"{key}.path: '{path}' has no rows. Point it at a file with data.")
         builder = LOADERS.get(local.suffix)
         if builder is None:
             raise DataError(f"{key}.path: cannot read '{path}': supported local files are "
@@ -68,6 +70,13 @@ def load_rows(source: DatasetSource, key: str):
         rows = rows.select(range(min(source.max_examples, len(rows))))
     _check_columns(rows, source, key, path)
     return rows
+
+
+def _is_blank(path: Path) -> bool:
+    """Empty or whitespace only (the datasets loaders fail obscurely on such files)."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    return not head.strip() and path.stat().st_size <= len(head)
 
 
 def _check_columns(rows, source: DatasetSource, key: str, path: str) -> None:

@@ -1,0 +1,31 @@
+"""Shared fixtures: quiet libraries, the bundled tiny model, small recipes."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+def tiny_recipe(output_dir, **sections) -> dict:
+    """A recipe dict for a seconds-long run of the bundled tiny Llama."""
+    recipe = {
+        "model": {"name_or_path": "memft:tiny-llama"},
+        "data": {"train": {"path": "memft:alpaca", "format": "alpaca", "max_examples": 200},
+                 "max_seq_len": 64, "eval_fraction": 0.1},
+        "optimizer": {"name": "adamw", "lr": 2e-3},
+        "train": {"output_dir": str(output_dir), "max_steps": 8, "batch_size": 4, "log_every": 1,
+                  "eval_batches": 2, "device": "cpu"},
+    }
+    for key, value in sections.items():
+        recipe[key] = {**recipe.get(key, {}), **value}
+    return recipe
+
+
+@pytest.fixture
+def recipe_dict(tmp_path):
+    return tiny_recipe(tmp_path / "run")

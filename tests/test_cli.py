@@ -1,0 +1,43 @@
+"""The command line: exit codes, messages without tracebacks, the shipped recipes."""
+
+import subprocess
+import sys
+
+import pytest
+
+from memft.cli import main
+
+
+def memft(*args, cwd=None):
+    proc = subprocess.run([sys.executable, "-m", "memft.cli", *args], capture_output=True, text=True, cwd=cwd)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_recipes_and_validate(capsys):
+    assert main(["recipes"]) == 0
+    assert "quickstart" in capsys.readouterr().out
+    assert main(["validate", "quickstart", "train.max_steps=5"]) == 0
+    assert "valid" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["validate", "no_such_recipe"], "neither a file nor a shipped recipe"),
+    (["validate", "quickstart", "optimizer.lr=fast"], "optimizer.lr: Input should be a valid number"),
+    (["validate", "quickstart", "trian.max_steps=3"], "Did you mean 'train'?"),
+    (["finetune", "quickstart", "model.name_or_path=/nonexistent/model", "train.output_dir={tmp}/r"],
+     "model.name_or_path: cannot load the tokenizer"),
+    (["finetune", "quickstart", "data.train.path={tmp}/missing.jsonl", "train.output_dir={tmp}/r"],
+     "data.train.path: file"),
+    (["finetune", "quickstart", "data.max_seq_len=5000", "train.output_dir={tmp}/r"],
+     "exceeds the model's limit of 1024"),
+])
+def test_bad_input_exits_2_with_one_message(tmp_path, args, message):
+    code, out, err = memft(*[a.format(tmp=tmp_path) for a in args])
+    assert code == 2, err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_schema_command(capsys):
+    assert main(["schema", "train"]) == 0
+    assert "train.max_steps" in capsys.readouterr().out
