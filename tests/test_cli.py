@@ -31,11 +31,17 @@ def test_recipes_and_validate(capsys):
     (["finetune", "quickstart", "data.max_seq_len=5000", "train.output_dir={tmp}/r"],
      "exceeds the model's limit of 1024"),
 ])
-def test_bad_input_exits_2_with_one_message(tmp_path, args, message):
-    code, out, err = memft(*[a.format(tmp=tmp_path) for a in args])
-    assert code == 2, err
-    assert message in err
-    assert "Traceback" not in err
+def test_bad_input_exits_2_with_one_message(tmp_path, capsys, args, message):
+    assert main([a.format(tmp=tmp_path) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith(f"memft {args[0]}: error:")
+
+
+def test_the_installed_command_prints_no_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optimizer: {name: galor}\n")
+    code, out, err = memft("validate", str(bad))
+    assert code == 2 and "Traceback" not in err and "optimizer.name: 'galor' is not a known method" in err
 
 
 def test_schema_command(capsys):

@@ -131,7 +131,11 @@ CASES = [
 @pytest.mark.parametrize("proj_type, shape, rank", CASES)
 def test_galore_adamw_matches_reference(proj_type, shape, rank, moments):
     steps, gap = 8, 3  # refreshes at steps 0, 3, 6
-    hyper = {"lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-6, "wd": 0.1}
+    # A two-sided projection of the refresh gradient is diagonal: its off-diagonal entries are rounding
+    # noise (~1e-8) that Adam's first step divides by |r| + eps, so eps is raised there to compare the
+    # algorithm rather than BLAS rounding.
+    eps = 1e-3 if proj_type == "full" else 1e-6
+    hyper = {"lr": 0.01, "betas": (0.8, 0.95), "eps": eps, "wd": 0.1}
     w = nn.Parameter(torch.randn(*shape, generator=torch.Generator().manual_seed(0)))
     bias = nn.Parameter(torch.randn(shape[0]))  # 1-D in a GaLore group: plain AdamW
     w0, b0 = w.detach().clone(), bias.detach().clone()
