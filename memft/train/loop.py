@@ -59,6 +59,7 @@ class Trainer:
         from accelerate import Accelerator
 
         builders.check_compatibility(recipe)
+        _quiet_libraries()
         self.recipe = recipe
         self.out = Path(recipe.train.output_dir)
         t = recipe.train
@@ -224,6 +225,16 @@ class Trainer:
             undo()
         model.save_pretrained(self.out / "final", safe_serialization=True)
         self.tokenizer.save_pretrained(self.out / "final")
+
+
+def _quiet_libraries() -> None:
+    """memft draws its own progress; the libraries' per-file bars and notices would drown it."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
 
 
 def finetune(recipe: Recipe, resume: str | bool = False, overwrite: bool = False) -> RunResult:
