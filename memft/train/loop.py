@@ -43,6 +43,12 @@ def count_items(micro_batches: list[dict]) -> int:
     return int(sum((b["labels"][:, 1:] != -100).sum() for b in micro_batches))
 
 
+def _sum_over_processes(accelerator, value: float) -> float:
+    if accelerator.num_processes == 1:
+        return value
+    return float(accelerator.reduce(torch.tensor(value, dtype=torch.float64, device=accelerator.device), "sum"))
+
+
 def micro_batch_loss(model, batch: dict, num_items: int) -> torch.Tensor:
     """Token-loss sum of this micro-batch divided by `num_items` (the whole step's trainable tokens)."""
     return model(**batch, num_items_in_batch=num_items).loss
@@ -86,6 +92,7 @@ class Trainer:
         self.order = BatchOrder(len(self.splits.train), t.batch_size, t.seed, acc.process_index,
                                 acc.num_processes)
         self.step, self.tokens_seen, self._stop_requested = 0, 0, False
+        self.memory = _RunMemory(recipe, acc.unwrap_model(self.model), self.plan.optimizer, acc.device)
 
     # ----------------------------------------------------------------------------------- one step
     def _next_micro_batches(self) -> list[dict]:
@@ -97,11 +104,15 @@ class Trainer:
         """One optimizer step over `micro`; returns the step's mean token loss."""
         acc, model, opt = self.accelerator, self.model, self.optimizer
         micro = [{k: v.to(acc.device) for k, v in b.items()} for b in micro]
-        n_items = count_items(micro)
+        # Normalise by the trainable tokens of the whole step on all processes; DDP averages gradients
+        # over processes, so each process scales its share by the process count.
+        n_items = int(_sum_over_processes(acc, count_items(micro)))
+        world = acc.num_processes
         if self.plan.step_kind == "zeroth_order":
-            def closure() -> torch.Tensor:
+            def closure() -> float:
                 with torch.no_grad():
-                    return sum(micro_batch_loss(model, b, n_items) for b in micro)
+                    local = float(sum(micro_batch_loss(model, b, n_items) for b in micro))
+                return _sum_over_processes(acc, local)
             loss = float(opt.step(closure))
         else:
             total = 0.0
@@ -111,9 +122,9 @@ class Trainer:
                 sync = acc.no_sync(model) if i < len(micro) - 1 and acc.num_processes > 1 else nullcontext()
                 with sync:
                     loss = micro_batch_loss(model, batch, n_items)
-                    acc.backward(loss)
+                    acc.backward(loss * world)
                 total += loss.detach().float().item()
-            loss = total
+            loss = _sum_over_processes(acc, total)
             if self.plan.step_kind == "backprop" and self.recipe.train.max_grad_norm is not None:
                 acc.clip_grad_norm_(model.parameters(), self.recipe.train.max_grad_norm)
             opt.step()
@@ -178,22 +189,27 @@ class Trainer:
             with Progress(t.max_steps, self.step, enabled=self.accelerator.is_main_process) as progress:
                 interval_start, interval_tokens = time.perf_counter(), self.tokens_seen
                 while self.step < t.max_steps and not self._stop_requested:
-                    loss = self.train_step(self._next_micro_batches())
+                    micro = self._next_micro_batches()
+                    with self.memory.measuring():
+                        loss = self.train_step(micro)
                     self.step += 1
                     result.losses.append(loss)
                     lr = self.scheduler.get_last_lr()[0]
                     elapsed = time.perf_counter() - interval_start
                     tps = (self.tokens_seen - interval_tokens) / max(elapsed, 1e-9)
-                    progress.update(self.step, loss=loss, lr=lr, tokens_per_s=tps)
+                    progress.update(self.step, loss=loss, lr=lr, tokens_per_s=tps, peak=self.memory.peak_bytes())
                     if self.step % t.log_every == 0 or self.step == t.max_steps:
                         self._write(metrics, {"step": self.step, "loss": loss, "lr": lr, "tokens": self.tokens_seen,
-                                              "tokens_per_s": tps})
+                                              "tokens_per_s": tps, **self.memory.interval_record()})
                         interval_start, interval_tokens = time.perf_counter(), self.tokens_seen
                     if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
                         self._write(metrics, {"step": self.step, **self.evaluate()})
                     if t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps:
                         self.save()
             result.interrupted = self._stop_requested
+            result.peak_bytes = self.memory.run_peak_bytes()
+            if self.accelerator.is_main_process:
+                self.memory.write_report(self.out)
             self.save()
             if not result.interrupted:
                 result.eval = self.evaluate()
@@ -225,6 +241,71 @@ class Trainer:
             undo()
         model.save_pretrained(self.out / "final", safe_serialization=True)
         self.tokenizer.save_pretrained(self.out / "final")
+
+
+class _RunMemory:
+    """Peak memory of every run: exact tensor-storage accounting by category (memft.memory.MemoryTracker)
+    over the first `memory.track_steps` steps, and the CUDA allocator's peaks on GPUs for every step."""
+
+    def __init__(self, recipe: Recipe, model, optimizer, device: torch.device):
+        from memft.memory import MemoryTracker
+
+        self.recipe, self.device = recipe, device
+        self.tracker = MemoryTracker(model=model, optimizer=optimizer) if recipe.memory.track_steps else None
+        self.steps_left = recipe.memory.track_steps
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def measuring(self):
+        """Context for one step: tracked during the first `memory.track_steps` steps of this process."""
+        if self.tracker is None or self.steps_left <= 0:
+            return nullcontext()
+        self.steps_left -= 1
+        return self.tracker
+
+    def _cuda_interval(self) -> dict | None:
+        if self.device.type != "cuda":
+            return None
+        return {"allocated": torch.cuda.max_memory_allocated(self.device),
+                "reserved": torch.cuda.max_memory_reserved(self.device)}
+
+    def peak_bytes(self) -> int | None:
+        """For the progress bar: the CUDA allocated peak of this interval, else the tracked peak, else None."""
+        cuda = self._cuda_interval()
+        if cuda:
+            return cuda["allocated"]
+        return self.tracker.run_peak_bytes if self.tracker is not None else None
+
+    def run_peak_bytes(self) -> int | None:
+        return self.tracker.run_peak_bytes if self.tracker is not None else self.peak_bytes()
+
+    def interval_record(self) -> dict:
+        """Metrics for the interval just ended; the CUDA peaks restart for the next interval. The CUDA
+        allocated peak decides OOM together with fragmentation, which the reserved peak includes."""
+        record: dict = {}
+        if self.tracker is not None:
+            record["tracked_peak_bytes"] = self.tracker.run_peak_bytes
+        cuda = self._cuda_interval()
+        if cuda:
+            record["cuda_peak_allocated"], record["cuda_peak_reserved"] = cuda["allocated"], cuda["reserved"]
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return record
+
+    def write_report(self, out: Path) -> None:
+        """memory.json, memory.md and memory.png for the tracked steps of the run."""
+        if self.tracker is None or not self.recipe.memory.report:
+            return
+        t = self.recipe.train
+        report = self.tracker.summary(name=Path(t.output_dir).name, source="tracked")
+        report.meta.update({"model": self.recipe.model.name_or_path, "dtype": self.recipe.model.dtype,
+                            "batch_size": t.batch_size, "grad_accum": t.grad_accum,
+                            "max_seq_len": self.recipe.data.max_seq_len, "optimizer": self.recipe.optimizer.name,
+                            "adapter": self.recipe.adapter.name,
+                            "tracked_steps": self.recipe.memory.track_steps - self.steps_left})
+        budget = self.recipe.memory.budget_gib
+        if budget is not None and report.peak_bytes > budget * 2**30:
+            report.notes.append(f"The peak exceeds memory.budget_gib={budget}.")
+        report.save(out, stem="memory")
 
 
 def _quiet_libraries() -> None:

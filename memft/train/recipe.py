@@ -155,8 +155,10 @@ class DistributedSection(Section):
 
 class MemorySection(Section):
     report: bool = Field(True, description="Write memory.json, memory.md and memory.png into output_dir.")
-    track: bool = Field(True, description="Account tensor storage exactly during training (costs some "
-                        "speed per op; CUDA allocator peaks are always recorded on GPUs).")
+    track_steps: int = Field(3, ge=0, description="Account tensor storage exactly, by category, during the first "
+                             "N optimizer steps (they include the first optimizer-state allocation, so they hold "
+                             "the steady-state peak). Exact accounting intercepts every op and is slow; 0 "
+                             "disables it. CUDA allocator peaks are recorded on GPUs for every step.")
     budget_gib: float | None = Field(None, gt=0, description="Warn when the measured peak exceeds this.")
 
 

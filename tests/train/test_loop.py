@@ -10,6 +10,11 @@ from memft.train.recipe import validate_recipe
 from tests.conftest import tiny_recipe
 
 
+def reloaded_params(path):
+    from transformers import AutoModelForCausalLM
+    return list(AutoModelForCausalLM.from_pretrained(path).parameters())
+
+
 def _run(recipe: dict, **kw):
     return finetune(validate_recipe(recipe), **kw)
 
@@ -22,6 +27,11 @@ def test_tiny_run_lowers_loss_and_writes_outputs(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r] == [5, 10, 15, 20]
     assert "eval_loss" in lines[-1] and math.isfinite(lines[-1]["eval_perplexity"])
+    memory = json.loads((tmp_path / "run" / "memory.json").read_text())
+    params = sum(p.numel() * p.element_size() for p in reloaded_params(tmp_path / "run" / "final"))
+    assert memory["breakdown"]["parameters"] == params          # fp32 weights, counted exactly
+    assert memory["peak_bytes"] > params and (tmp_path / "run" / "memory.png").stat().st_size > 0
+    assert result.peak_bytes == memory["peak_bytes"]
 
     from transformers import AutoModelForCausalLM
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
