@@ -70,7 +70,9 @@ class Trainer:
         self.out = Path(recipe.train.output_dir)
         t = recipe.train
         self.resume = resume
-        self.accelerator = Accelerator(cpu=t.device == "cpu", mixed_precision=t.mixed_precision)
+        # cpu=True also makes accelerate join a torchrun process group over gloo on CUDA-less machines.
+        on_cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())
+        self.accelerator = Accelerator(cpu=on_cpu, mixed_precision=t.mixed_precision)
         if self.accelerator.is_main_process:
             checkpoint.prepare_output_dir(self.out, recipe.model_dump(mode="json"), bool(resume), overwrite)
         torch.manual_seed(t.seed)
