@@ -2,6 +2,7 @@
 
     memft finetune RECIPE [key=value ...] [--resume [CHECKPOINT]] [--overwrite]
     memft validate RECIPE [key=value ...]
+    memft loram export RUN_DIR [--out DIR] [--no-merge]
     memft recipes                      list the shipped recipes
     memft schema [SECTION]             every recipe field with its default and help
 
@@ -71,6 +72,33 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_loram_export(args) -> int:
+    """Recover a LoRAM run's adapter onto the full model (and merge it) for inference."""
+    import json
+
+    from memft.loram import export_recovered
+    from memft.train.models import resolve_model_path
+    from memft.train.recipe import validate_recipe
+
+    run = Path(args.run_dir)
+    if not (run / "run.json").is_file() or not (run / "final").is_dir():
+        raise RecipeError(f"'{run}' is not a finished memft run (run.json and final/ are needed). Pass the "
+                          "train.output_dir of a finished `adapter: {name: loram}` run.")
+    recipe = validate_recipe(json.loads((run / "run.json").read_text())["recipe"])
+    if recipe.adapter.name != "loram":
+        raise RecipeError(f"'{run}' was trained with adapter '{recipe.adapter.name}', not loram; its final/ "
+                          "already fits the model it was trained on.")
+    out = Path(args.out) if args.out else run / "recovered"
+    try:
+        result = export_recovered(resolve_model_path(recipe.model.name_or_path), run / "final", None, out,
+                                  merge=not args.no_merge)
+    except ValueError as exc:
+        raise RecipeError(f"loram export: {exc}") from None
+    print(f"Recovered adapter: {result.adapter_dir}" + (f"\nMerged model: {result.merged_dir}"
+                                                         if result.merged_dir else ""))
+    return 0
+
+
 def cmd_recipes(args) -> int:
     for name in shipped_recipes():
         print(f"{name:28s} {_recipe_summary(RECIPES_DIR / f'{name}.yaml')}")
@@ -100,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("loram", help="LoRAM tools")
+    loram = p.add_subparsers(dest="loram_command", required=True)
+    e = loram.add_parser("export", help="recover a LoRAM run's adapter onto the full model and merge it")
+    e.add_argument("run_dir", help="train.output_dir of a finished loram run")
+    e.add_argument("--out", help="output directory (default RUN_DIR/recovered)")
+    e.add_argument("--no-merge", action="store_true", help="write only the recovered PEFT adapter")
+    e.set_defaults(func=cmd_loram_export)
 
     p = sub.add_parser("recipes", help="list the shipped recipes")
     p.set_defaults(func=cmd_recipes)

@@ -31,26 +31,51 @@ class OptimizerPlan:
 
 @dataclass
 class PreparedModel:
-    """The model after adapters and patches, with a way to undo the patches (not the adapter)."""
+    """The model after adapters and patches, with a way to undo the patches (not the adapter).
+
+    `save_final(model, directory)` writes what `final/` holds for this adapter (default: save_pretrained).
+    """
 
     model: torch.nn.Module
     undo: list[Callable[[], None]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    save_final: Callable[[torch.nn.Module, str], None] | None = None
 
 
 # ------------------------------------------------------------------------------------------- adapters
-def _apply_lora(model, section, recipe: Recipe) -> torch.nn.Module:
+def _apply_lora(prepared: PreparedModel, section, calibration) -> None:
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=section.r, lora_alpha=section.alpha, lora_dropout=section.dropout,
                         target_modules=section.target_modules, task_type="CAUSAL_LM")
     try:
-        return get_peft_model(model, config)
+        prepared.model = get_peft_model(prepared.model, config)
     except ValueError as exc:
         raise RecipeError(f"adapter.target_modules: {exc}") from None
 
 
-ADAPTERS: dict[str, Callable] = {"lora": _apply_lora}
+def _apply_loram(prepared: PreparedModel, section, calibration) -> None:
+    """Prune (and quantise), then LoRA; `final/` holds the adapter and its pruning plan."""
+    from memft.loram import prepare_loram, save_loram_adapter
+
+    dense = section.keep_dense_layers
+    dense = tuple(dense) if isinstance(dense, tuple) else list(dense)
+    try:
+        model, plan = prepare_loram(
+            prepared.model, section.prune_ratio, section.prune_method, dense,
+            None if section.quantize == "none" else section.quantize,
+            calibration=calibration if section.prune_method == "taylor" else None,
+            r=section.r, lora_alpha=section.alpha, lora_dropout=section.dropout,
+            target_modules=list(section.target_modules))
+    except (ValueError, RuntimeError) as exc:
+        raise RecipeError(f"adapter (loram): {exc}") from None
+    prepared.model = model
+    prepared.save_final = lambda m, directory: save_loram_adapter(m, plan, directory)
+    prepared.notes.append(f"LoRAM: pruned to {sum(p.numel() for p in model.parameters()):,} parameters; recover "
+                          "with `memft loram export`")
+
+
+ADAPTERS: dict[str, Callable] = {"lora": _apply_lora, "loram": _apply_loram}
 ACTIVATIONS: dict[str, Callable] = {}
 LOSSES: dict[str, Callable] = {}
 
@@ -69,11 +94,12 @@ def check_compatibility(recipe: Recipe) -> None:
                           + "\n".join(f"  - {p}." for p in problems))
 
 
-def prepare_model(model: torch.nn.Module, recipe: Recipe) -> PreparedModel:
-    """Apply the adapter, then activation compression, then the loss patch."""
+def prepare_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dict] | None = None) -> PreparedModel:
+    """Apply the adapter, then activation compression, then the loss patch. `calibration`: a few training
+    batches for methods that score the model on data (LoRAM's taylor pruning)."""
     prepared = PreparedModel(model)
     if recipe.adapter.name != "none":
-        prepared.model = ADAPTERS[recipe.adapter.name](prepared.model, recipe.adapter, recipe)
+        ADAPTERS[recipe.adapter.name](prepared, recipe.adapter, calibration)
     if recipe.activations.name != "none":
         ACTIVATIONS[recipe.activations.name](prepared, recipe.activations)
     if recipe.loss.name != "cross_entropy":

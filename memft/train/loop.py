@@ -83,7 +83,7 @@ class Trainer:
             raise RunError(f"data.max_seq_len={recipe.data.max_seq_len} exceeds the model's limit of {limit} "
                            f"positions. Set data.max_seq_len to at most {limit}.")
         self.splits: Splits = build_splits(recipe.data, self.tokenizer, t.seed)
-        self.prepared = builders.prepare_model(model, recipe)
+        self.prepared = builders.prepare_model(model, recipe, self._calibration_batches())
         self.plan = builders.build_optimizer(self.prepared.model, recipe)
         self.scheduler = builders.build_scheduler(self.plan.optimizer, recipe)
         if self.plan.step_kind == "backprop":
@@ -95,6 +95,13 @@ class Trainer:
                                 acc.num_processes)
         self.step, self.tokens_seen, self._stop_requested = 0, 0, False
         self.memory = _RunMemory(recipe, acc.unwrap_model(self.model), self.plan.optimizer, acc.device)
+
+    def _calibration_batches(self) -> list[dict]:
+        """The first training batches in data order, for methods that score the model on data."""
+        adapter = self.recipe.adapter
+        count = getattr(adapter, "calibration_batches", 0) if getattr(adapter, "prune_method", "") == "taylor" else 0
+        pad, size = self.tokenizer.pad_token_id, self.recipe.train.batch_size
+        return [collate(self.splits.train[i * size: (i + 1) * size], pad) for i in range(count)]
 
     # ----------------------------------------------------------------------------------- one step
     def _next_micro_batches(self) -> list[dict]:
@@ -241,7 +248,10 @@ class Trainer:
         model = self.accelerator.unwrap_model(self.model)
         for undo in reversed(self.prepared.undo):
             undo()
-        model.save_pretrained(self.out / "final", safe_serialization=True)
+        if self.prepared.save_final is not None:
+            self.prepared.save_final(model, str(self.out / "final"))
+        else:
+            model.save_pretrained(self.out / "final", safe_serialization=True)
         self.tokenizer.save_pretrained(self.out / "final")
 
 

@@ -126,7 +126,29 @@ class LoRASection(Section):
         description="Module name suffixes that receive adapters, or 'all-linear'.")
 
 
-AdapterSection = Annotated[Union[NoAdapter, LoRASection], Field(discriminator="name")]  # noqa: UP007
+class LoRAMSection(Section):
+    name: Literal["loram"] = Field(..., description="LoRAM (arXiv 2502.13533): train LoRA on a structurally "
+                                   "pruned copy of the model (QLoRAM: also NF4-quantised), recover it onto the "
+                                   "full model with `memft loram export`.")
+    prune_ratio: float = Field(0.5, gt=0, lt=1, description="Fraction of MLP neurons and of KV heads (with their "
+                               "query groups) removed in each pruned layer.")
+    prune_method: Literal["random", "magnitude", "taylor"] = Field("magnitude", description="Which units to keep: "
+                                                                  "random, largest weight norm, or first-order "
+                                                                  "Taylor importance on calibration batches.")
+    keep_dense_layers: tuple[int, int] | list[int] = Field((4, 2), description="Layers left unpruned: (first k, "
+                                                          "last k) or an explicit list of layer indices.")
+    quantize: Literal["none", "nf4"] = Field("none", description="'nf4': QLoRAM, the pruned model in 4-bit NF4 "
+                                             "through bitsandbytes.")
+    calibration_batches: int = Field(4, ge=1, description="Training batches used to score units (taylor).")
+    r: int = Field(8, ge=1, description="Adapter rank.")
+    alpha: float = Field(16.0, gt=0, description="Scale numerator: updates are scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Projection names that receive adapters.")
+
+
+AdapterSection = Annotated[Union[NoAdapter, LoRASection, LoRAMSection], Field(discriminator="name")]  # noqa: UP007
 
 
 # --------------------------------------------------------------------------------------------- train
