@@ -89,6 +89,11 @@ def check_compatibility(recipe: Recipe) -> None:
     if recipe.train.mixed_precision == "fp16" and recipe.model.dtype != "float32":
         problems.append("train.mixed_precision fp16 needs float32 master weights (model.dtype float32) for "
                         "gradient scaling")
+    if recipe.optimizer.name == "mezo" and recipe.train.mixed_precision == "fp16":
+        problems.append("optimizer mezo runs no backward, so fp16 gradient scaling has nothing to scale; use "
+                        "train.mixed_precision 'no' or 'bf16', or load the model in float16/bfloat16")
+    if recipe.optimizer.name == "mezo" and recipe.model.gradient_checkpointing:
+        problems.append("optimizer mezo runs no backward: model.gradient_checkpointing would only slow it down")
     if problems:
         raise RecipeError("The recipe combines settings that cannot work together:\n"
                           + "\n".join(f"  - {p}." for p in problems))
@@ -142,7 +147,15 @@ def _sgd(model, s) -> OptimizerPlan:
     return OptimizerPlan(torch.optim.SGD(_decay_groups(model, s.weight_decay), lr=s.lr, momentum=s.momentum))
 
 
-OPTIMIZERS: dict[str, Callable] = {"adamw": _adamw, "adamw8bit": _adamw8bit, "sgd": _sgd}
+def _mezo(model, s) -> OptimizerPlan:
+    from memft.optimizers.mezo import MeZO
+
+    params = trainable_parameters(model)
+    return OptimizerPlan(MeZO(params, lr=s.lr, eps=s.eps, weight_decay=s.weight_decay, n_samples=s.n_samples),
+                         step_kind="zeroth_order")
+
+
+OPTIMIZERS: dict[str, Callable] = {"adamw": _adamw, "adamw8bit": _adamw8bit, "sgd": _sgd, "mezo": _mezo}
 
 
 def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> OptimizerPlan:

@@ -122,7 +122,11 @@ class Trainer:
                 with torch.no_grad():
                     local = float(sum(micro_batch_loss(model, b, n_items) for b in micro))
                 return _sum_over_processes(acc, local)
+            # Forward-only steps run in eval mode (no dropout) unless the recipe asks otherwise, so that
+            # both perturbed passes see the same function.
+            model.train(getattr(self.recipe.optimizer, "dropout", False))
             loss = float(opt.step(closure))
+            model.train()
         else:
             total = 0.0
             for i, batch in enumerate(micro):

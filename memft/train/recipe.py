@@ -91,7 +91,17 @@ class SGDSection(_OptimizerCommon):
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum.")
 
 
-OptimizerSection = Annotated[Union[AdamWSection, AdamW8bitSection, SGDSection],  # noqa: UP007
+class MeZOSection(_OptimizerCommon):
+    name: Literal["mezo"] = Field(..., description="MeZO zeroth-order SGD (arXiv 2305.17333): two forward "
+                                  "passes per step, no backward, training memory = inference memory.")
+    lr: float = Field(1e-6, gt=0, description="Learning rate (paper: 1e-6..1e-7 full, 1e-4..5e-5 LoRA).")
+    eps: float = Field(1e-3, gt=0, description="Perturbation scale ε (paper: 1e-3 full, 1e-2 LoRA).")
+    n_samples: int = Field(1, ge=1, description="SPSA estimates averaged per step (n-SPSA).")
+    dropout: bool = Field(False, description="Keep dropout active in the forward passes (the paper uses eval "
+                          "mode; with dropout ℓ₊ and ℓ₋ see different masks).")
+
+
+OptimizerSection = Annotated[Union[AdamWSection, AdamW8bitSection, SGDSection, MeZOSection],  # noqa: UP007
                              Field(discriminator="name")]
 
 

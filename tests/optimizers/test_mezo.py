@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import memft.optimizers.mezo as mezo
 from memft.optimizers.mezo import CHUNK_NUMEL, MeZO, perturbation_seed
 
 LLAMA_KWARGS = dict(
@@ -32,16 +33,18 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_llama(dtype: torch.dtype = torch.float32, tie: bool = True, seed: int = 0) -> nn.Module:
+def tiny_llama(dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A 2-layer Llama built from config, with the input embedding tied to lm_head."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(**LLAMA_KWARGS, tie_word_embeddings=tie)
-    return LlamaForCausalLM(config).to(dtype).eval()
+    torch.manual_seed(0)
+    config = LlamaConfig(**LLAMA_KWARGS, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    return model if dtype == torch.float32 else model.to(dtype)
 
 
-def tokens(batch: int = 2, length: int = 16, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, LLAMA_KWARGS["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+def tokens(batch: int = 2) -> torch.Tensor:
+    return torch.randint(0, LLAMA_KWARGS["vocab_size"], (batch, 16), generator=torch.Generator().manual_seed(0))
 
 
 def bits(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -54,11 +57,13 @@ def step_seeds(seed: int, count: int) -> list[int]:
     return [int(torch.randint(0, (1 << 63) - 1, (), generator=generator).item()) for _ in range(count)]
 
 
-def reference_z(numel: int, step_seed: int, param_index: int) -> torch.Tensor:
-    """z from the documented recipe, for a parameter of at most one chunk."""
-    assert numel <= CHUNK_NUMEL
-    generator = torch.Generator().manual_seed(perturbation_seed(step_seed, param_index, 0))
-    return torch.empty(numel, dtype=torch.float32).normal_(generator=generator)
+def reference_z(numel: int, step_seed: int, param_index: int, chunk_numel: int) -> torch.Tensor:
+    """z from the documented recipe: chunk c of chunk_numel values is drawn after seeding perturbation_seed(s, i, c)."""
+    chunks = []
+    for chunk_index, start in enumerate(range(0, numel, chunk_numel)):
+        generator = torch.Generator().manual_seed(perturbation_seed(step_seed, param_index, chunk_index))
+        chunks.append(torch.empty(min(chunk_numel, numel - start)).normal_(generator=generator))
+    return torch.cat(chunks)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -131,18 +136,22 @@ def test_forward_sees_every_parameter_perturbed_once(case: str) -> None:
         deltas = []
         for name, param in reference.named_parameters():
             deltas.append(((captured[name] - param) / eps).flatten())
-            assert (deltas[-1] != 0).all(), f"{name} was not perturbed"
+            assert (deltas[-1] != 0).float().mean() > 0.99, f"{name} was not perturbed"
             param.copy_(captured[name])
         assert 0.9 < torch.cat(deltas).pow(2).mean().sqrt() < 1.1  # z ~ N(0, I)
         assert torch.equal(loss_fn(reference), loss_plus)
 
 
+@pytest.mark.parametrize("chunk_numel", [CHUNK_NUMEL, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_update_matches_hand_computation(dtype: torch.dtype) -> None:
-    """θ' = θ(1 − lr·wd) − Σ_k (lr·g_k/n) z_k with g_k = (l+ − l-)/(2ε), z_k from the documented seed recipe;
-    a frozen parameter between the two trainable ones still counts in the parameter index."""
+def test_update_matches_hand_computation(dtype: torch.dtype, chunk_numel: int, monkeypatch) -> None:
+    """θ' = θ(1 − lr·wd) − Σ_k (lr·g_k/n) z_k with g_k = (l+ − l-)/(2ε), z_k from the documented seed recipe
+    (one chunk, or chunks of 4 values with a short tail); a frozen parameter between the two trainable ones still
+    counts in the parameter index; the weight is a non-contiguous (transposed) tensor."""
+    monkeypatch.setattr(mezo, "CHUNK_NUMEL", chunk_numel)
     torch.manual_seed(0)
-    weight = nn.Parameter(torch.randn(3, 5).to(dtype))
+    weight = nn.Parameter(torch.randn(5, 3).to(dtype).T)
+    assert not weight.is_contiguous()
     frozen = nn.Parameter(torch.randn(4).to(dtype), requires_grad=False)
     bias = nn.Parameter(torch.randn(3).to(dtype))
     inputs, targets = torch.randn(7, 5), torch.randn(7, 3)
@@ -152,6 +161,7 @@ def test_update_matches_hand_computation(dtype: torch.dtype) -> None:
 
     def closure() -> torch.Tensor:
         w, b = weight.clone(), bias.clone()
+        assert torch.equal(weight.T, w.T)  # value getters (.T, .data, ...) see the perturbed tensor too
         loss = ((inputs @ w.float().T + b.float() - targets) ** 2).mean()
         seen.append((w, b, loss))
         return loss
@@ -166,7 +176,7 @@ def test_update_matches_hand_computation(dtype: torch.dtype) -> None:
         for i, (theta, index, plus, minus) in enumerate(
             [(start[0], 0, w_plus, w_minus), (start[1], 2, b_plus, b_minus)]
         ):
-            z = reference_z(theta.numel(), step_seed, index).view(theta.shape).to(dtype)
+            z = reference_z(theta.numel(), step_seed, index, chunk_numel).view(theta.shape).to(dtype)
             assert torch.equal(plus, torch.add(theta, z, alpha=eps))
             assert torch.equal(minus, torch.add(theta, z, alpha=-eps))
             expected[i] -= (lr * g.double() / n) * z.double()
@@ -177,53 +187,56 @@ def test_update_matches_hand_computation(dtype: torch.dtype) -> None:
 
 
 def test_spsa_estimate_is_unbiased_with_error_shrinking_like_inverse_sqrt_n() -> None:
-    """On f(θ) = ½θᵀAθ + bᵀθ the estimate per sample is D⁻¹ z zᵀ D ∇f (D = diag of the groups' ε), with
-    covariance C = D⁻¹(‖D∇f‖² I + D∇f ∇fᵀD)D⁻¹. A step with lr = 1 and n_samples = N moves θ by minus the mean of
-    N samples, whose squared error has mean tr(C)/N and variance 2 tr(C²)/N²; tolerances come from these."""
-    dims, eps_groups, repeats, n_small = (8, 4), (1e-3, 2e-3), 24, 40
+    """On f(θ) = ½θᵀAθ + bᵀθ the estimate per sample is D⁻¹ z zᵀ D ∇f (D: each group's ε on its entries), with
+    covariance C = D⁻¹(‖D∇f‖² I + D∇f ∇fᵀD)D⁻¹, so the mean of N samples has squared error tr(C)/N on average.
+
+    A step with lr = 1 and n_samples = N moves θ by minus the mean of N samples. 16·R such steps give 16·R means
+    of N samples and, averaged by 16, R means of 16N samples; tolerances are 4 standard errors of the observed
+    squared errors."""
+    dims, eps_groups, n, repeats = (8, 4), (1e-3, 2e-3), 8, 12
     generator = torch.Generator().manual_seed(0)
     d = sum(dims)
     root = torch.randn(d, d, generator=generator, dtype=torch.float64)
-    a, b = root @ root.T / d + torch.eye(d, dtype=torch.float64), torch.randn(d, generator=generator, dtype=torch.float64)
-    theta0 = torch.randn(d, generator=generator, dtype=torch.float64)
+    a = root @ root.T / d + torch.eye(d, dtype=torch.float64)
+    b, theta0 = torch.randn(2, d, generator=generator, dtype=torch.float64)
     gradient = a @ theta0 + b
     params = [nn.Parameter(part.clone()) for part in theta0.split(dims)]
 
     def closure() -> torch.Tensor:
         theta = torch.cat(params)
-        return 0.5 * theta @ a @ theta + b @ theta
+        return theta @ (0.5 * a @ theta + b)
 
     scale = torch.cat([torch.full((k,), e, dtype=torch.float64) for k, e in zip(dims, eps_groups)])
     w = scale * gradient
     cov = (w.dot(w) * torch.eye(d, dtype=torch.float64) + torch.outer(w, w)) / torch.outer(scale, scale)
-    trace, trace_sq = cov.trace().item(), (cov @ cov).trace().item()
 
-    def mean_estimates(n: int) -> torch.Tensor:
-        optimizer = MeZO(
-            [{"params": [p], "eps": e} for p, e in zip(params, eps_groups)], lr=1.0, n_samples=n, seed=n
-        )
-        means = []
-        for _ in range(repeats):
-            with torch.no_grad():
-                for p, part in zip(params, theta0.split(dims)):
-                    p.copy_(part)
-            optimizer.step(closure)
-            means.append(theta0 - torch.cat([p.detach() for p in params]))
-        return torch.stack(means)
+    optimizer = MeZO([{"params": [p], "eps": e} for p, e in zip(params, eps_groups)], lr=1.0, n_samples=n)
+    means = []
+    for _ in range(16 * repeats):
+        with torch.no_grad():
+            for p, part in zip(params, theta0.split(dims)):
+                p.copy_(part)
+        optimizer.step(closure)
+        means.append(theta0 - torch.cat([p.detach() for p in params]))
+    small = torch.stack(means)
+    large = small.view(repeats, 16, d).mean(1)
 
-    small, large = mean_estimates(n_small), mean_estimates(16 * n_small)
-    for n, means in ((n_small, small), (16 * n_small, large)):
-        mse = (means - gradient).pow(2).sum(1).mean().item()
-        sd = math.sqrt(2 * trace_sq / repeats) / n
-        assert abs(mse - trace / n) < 4 * sd, f"N={n}: mean squared error {mse} vs theory {trace / n} ± {sd}"
-    relative_sd = math.sqrt(2 * trace_sq / repeats) / trace  # of each mean squared error
-    ratio = math.sqrt((small - gradient).pow(2).sum(1).mean() / (large - gradient).pow(2).sum(1).mean())
-    assert abs(ratio - 4) < 4 * 4 * (relative_sd / 2) * math.sqrt(2), f"error ratio {ratio}, expected 4"
+    squared_errors = {}
+    for size, block_means in ((n, small), (16 * n, large)):
+        errors = (block_means - gradient).pow(2).sum(1)
+        mse, standard_error = errors.mean().item(), errors.std().item() / math.sqrt(len(errors))
+        expected = cov.trace().item() / size
+        assert abs(mse - expected) < 4 * standard_error, f"N={size}: squared error {mse} vs {expected}"
+        squared_errors[size] = (mse, standard_error)
+    (mse_small, se_small), (mse_large, se_large) = squared_errors[n], squared_errors[16 * n]
+    ratio = math.sqrt(mse_small / mse_large)
+    ratio_sd = 0.5 * ratio * math.hypot(se_small / mse_small, se_large / mse_large)
+    assert abs(ratio - 4) < 4 * ratio_sd, f"error ratio {ratio} ± {ratio_sd}, expected 4 (1/sqrt(N))"
 
-    pooled = (small.sum(0) * n_small + large.sum(0) * 16 * n_small) / (repeats * 17 * n_small)
-    pooled_error = (pooled - gradient).pow(2).sum().item()
-    expected_error = trace / (repeats * 17 * n_small)
-    assert pooled_error < expected_error * (1 + 5 * math.sqrt(2 * trace_sq) / trace), "the estimate is biased"
+    pooled_error = (small.mean(0) - gradient).pow(2).sum().item()
+    samples = 16 * repeats * n
+    pooled_sd = math.sqrt(2 * (cov @ cov).trace().item()) / samples
+    assert pooled_error < cov.trace().item() / samples + 5 * pooled_sd, "the estimate is biased"
 
 
 def test_resume_continues_the_identical_trajectory() -> None:
@@ -246,7 +259,8 @@ def test_resume_continues_the_identical_trajectory() -> None:
     optimizer, scheduler = make(first, seed=7)
     train(first, optimizer, scheduler, saved_at)
     buffer = io.BytesIO()
-    torch.save({"model": first.state_dict(), "optimizer": optimizer.state_dict(), "sched": scheduler.state_dict()}, buffer)
+    state = {"model": first.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    torch.save(state, buffer)
     buffer.seek(0)
     checkpoint = torch.load(buffer, weights_only=True)
 
@@ -254,7 +268,7 @@ def test_resume_continues_the_identical_trajectory() -> None:
     resumed.load_state_dict(checkpoint["model"])
     optimizer, scheduler = make(resumed, seed=999)
     optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["sched"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
     assert optimizer.steps_taken == saved_at
     train(resumed, optimizer, scheduler, total - saved_at)
     assert optimizer.steps_taken == total
@@ -304,7 +318,7 @@ def test_micro_batches_of_one_closure_share_the_perturbation() -> None:
 
 
 def test_linear_regression_converges() -> None:
-    """Least squares in 8 dimensions: 200 steps cut the loss by at least 10^4."""
+    """Least squares in 8 dimensions: 100 steps cut the loss by at least 10^3 (about 10^4 is typical)."""
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(256, 8, generator=generator)
     targets = inputs @ torch.randn(8, 1, generator=generator)
@@ -316,14 +330,14 @@ def test_linear_regression_converges() -> None:
         return nn.functional.mse_loss(model(inputs), targets)
 
     initial = optimizer.step(closure)
-    for _ in range(199):
+    for _ in range(99):
         final = optimizer.step(closure)
-    assert final < 1e-4 * initial
+    assert final < 1e-3 * initial
 
 
 def test_non_differentiable_objective_accuracy_improves() -> None:
-    """The closure returns −accuracy (a Python float): 300 steps take a linear classifier from below 60 % to at
-    least 90 % on separable data (400 points, 8 features)."""
+    """The closure returns −accuracy (a Python float): 150 steps take a linear classifier from below 60 % to at
+    least 95 % on separable data (400 points, 8 features)."""
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(400, 8, generator=generator)
     labels = (inputs @ torch.randn(8, generator=generator) > 0).long()
@@ -336,10 +350,10 @@ def test_non_differentiable_objective_accuracy_improves() -> None:
 
     initial = accuracy()
     optimizer = MeZO(model.parameters(), lr=0.02, eps=0.05, seed=2)
-    for _ in range(300):
+    for _ in range(150):
         returned = optimizer.step(lambda: -accuracy())
     assert isinstance(returned, float)
-    assert initial < 0.6 and accuracy() >= 0.9, (initial, accuracy())
+    assert initial < 0.6 and accuracy() >= 0.95, (initial, accuracy())
 
 
 def test_step_runs_under_fake_tensor_mode() -> None:

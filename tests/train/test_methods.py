@@ -1,0 +1,47 @@
+"""Each method reached through the recipe path: it trains, and resume stays exact."""
+
+import pytest
+
+from memft.errors import RecipeError
+from memft.train.builders import check_compatibility
+from memft.train.loop import Trainer, finetune
+from memft.train.recipe import validate_recipe
+from tests.conftest import tiny_recipe
+
+MEZO = {"name": "mezo", "lr": 3e-3, "eps": 1e-2}
+LORA = {"name": "lora", "r": 4, "alpha": 8}
+
+
+def _crash_and_resume(tmp_path, **sections) -> tuple[list[float], list[float]]:
+    """Losses of an uninterrupted run and of the same run crashed after step 3 and resumed (steps 3..6)."""
+    train = {"max_steps": 6, "save_every": 3, **sections.pop("train", {})}
+    full = finetune(validate_recipe(tiny_recipe(tmp_path / "a", train=train, **sections)))
+    crashing = Trainer(validate_recipe(tiny_recipe(tmp_path / "b", train=train, **sections)))
+    original = crashing.train_step
+
+    def crash(micro):
+        if crashing.step == 4:
+            raise SystemExit("crash")
+        return original(micro)
+
+    crashing.train_step = crash
+    with pytest.raises(SystemExit):
+        crashing.run()
+    resumed = finetune(validate_recipe(tiny_recipe(tmp_path / "b", train=train, **sections)), resume=True)
+    return full.losses[3:], resumed.losses
+
+
+def test_mezo_lora_lowers_the_loss(tmp_path):
+    result = finetune(validate_recipe(tiny_recipe(tmp_path / "run", optimizer=MEZO, adapter=LORA,
+                                                  train={"max_steps": 40, "max_grad_norm": None})))
+    assert sum(result.losses[-5:]) / 5 < 0.8 * result.losses[0]
+
+
+def test_mezo_resume_is_exact(tmp_path):
+    full, resumed = _crash_and_resume(tmp_path, optimizer=MEZO, adapter=LORA)
+    assert resumed == full
+
+
+def test_mezo_refuses_fp16_scaling_and_checkpointing():
+    with pytest.raises(RecipeError, match="mezo"):
+        check_compatibility(validate_recipe({"optimizer": {"name": "mezo"}, "model": {"gradient_checkpointing": True}}))
