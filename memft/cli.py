@@ -2,6 +2,7 @@
 
     memft finetune RECIPE [key=value ...] [--resume [CHECKPOINT]] [--overwrite]
     memft validate RECIPE [key=value ...]
+    memft memory RECIPE [key=value ...] [--config NAME] [--gpu NAME] [--measure] [--json] [--compare R ...]
     memft loram export RUN_DIR [--out DIR] [--no-merge]
     memft recipes                      list the shipped recipes
     memft schema [SECTION]             every recipe field with its default and help
@@ -72,6 +73,45 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_memory(args) -> int:
+    """Estimate (or measure) a recipe's training peak; fits table, largest category, what would cut it."""
+    import json
+
+    from memft.memory import comparison_markdown, get_gpu, plot_comparison, print_report
+    from memft.train.memory_estimate import recipe_memory
+    from memft.train.recipe import load_recipe
+
+    try:
+        gpus = [get_gpu(args.gpu)] if args.gpu else None
+    except ValueError as exc:
+        raise RecipeError(f"--gpu: {exc}") from None
+    names = [args.recipe] + list(args.compare or [])
+    reports = {}
+    for name in names:
+        recipe = load_recipe(resolve_recipe(name), args.overrides)
+        label = Path(name).stem
+        reports[label] = recipe_memory(recipe, config=args.config, device=args.device, measure=args.measure,
+                                       name=label)
+    if args.json:
+        print(json.dumps({k: r.to_dict(gpus) for k, r in reports.items()} if args.compare
+                         else reports[Path(args.recipe).stem].to_dict(gpus), indent=2))
+    else:
+        for report in reports.values():
+            how = "measured on real tensors" if args.measure else "estimated on fake tensors (nothing allocated)"
+            print(f"{report.name}: {how}, device {args.device}")
+            print_report(report, gpus)
+        if args.compare:
+            print(comparison_markdown(reports))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for report in reports.values():
+            report.save(out, stem=f"memory-{report.name}")
+        if args.compare:
+            plot_comparison(reports, out / "memory-comparison.png")
+    return 0
+
+
 def cmd_loram_export(args) -> int:
     """Recover a LoRAM run's adapter onto the full model (and merge it) for inference."""
     import json
@@ -128,6 +168,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("memory", help="estimate a recipe's peak training memory and which GPUs it fits")
+    p.add_argument("recipe", help="recipe YAML file or shipped recipe name")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.add_argument("--config", help="architecture to estimate instead of the recipe's model: a shipped config "
+                   "name (llama-2-7b, gemma-2-2b, ...) or a config.json path")
+    p.add_argument("--gpu", help="report only this GPU (e.g. 'RTX 4090')")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="device whose memory is estimated (cuda rounds to the allocator's 512-byte blocks)")
+    p.add_argument("--measure", action="store_true", help="run the steps on real tensors instead (the model "
+                   "must fit this machine)")
+    p.add_argument("--compare", nargs="+", metavar="RECIPE", help="more recipes to compare side by side")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--out", help="directory for memory-<recipe>.md/.json/.png (and memory-comparison.png)")
+    p.set_defaults(func=cmd_memory)
 
     p = sub.add_parser("loram", help="LoRAM tools")
     loram = p.add_subparsers(dest="loram_command", required=True)
