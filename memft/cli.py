@@ -14,6 +14,7 @@ input exit with code 2 and one readable message.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -51,6 +52,8 @@ def cmd_finetune(args) -> int:
     from memft.train.recipe import load_recipe
 
     recipe = load_recipe(resolve_recipe(args.recipe), args.overrides)
+    if recipe.distributed.engine != "none" and "LOCAL_RANK" not in os.environ:
+        return _launch_processes(recipe.distributed.nproc_per_node)
     result = finetune(recipe, resume=args.resume if args.resume is not None else False, overwrite=args.overwrite)
     if result.interrupted:
         print(f"Interrupted at step {result.steps}; checkpoint saved. Continue with: memft finetune "
@@ -61,6 +64,15 @@ def cmd_finetune(args) -> int:
           + (f", eval loss {result.eval['eval_loss']:.4f}" if result.eval else "")
           + f". Model in {result.output_dir / 'final'}")
     return 0
+
+
+def _launch_processes(nproc: int) -> int:
+    """Re-run this very command under torch.distributed.run with `nproc` processes on this machine."""
+    import subprocess
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "memft.cli", *sys.argv[1:]]
+    return subprocess.call(command)
 
 
 def cmd_validate(args) -> int:

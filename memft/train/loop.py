@@ -148,25 +148,28 @@ class Trainer:
                            "train.max_grad_norm, or use bfloat16/float32.")
         if not getattr(opt, "step_was_skipped", False):
             self.scheduler.step()
-        self.tokens_seen += int(sum(b["attention_mask"].sum() for b in micro))
+        self.tokens_seen += int(_sum_over_processes(acc, float(sum(b["attention_mask"].sum() for b in micro))))
         return loss
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean token loss and perplexity over the eval split (or its first `eval_batches` batches)."""
+        """Mean token loss and perplexity over the eval split, or its first `eval_batches` global batches
+        (batch_size x processes examples each); every process evaluates its share."""
         if not self.splits.eval:
             return {}
         self.model.eval()
-        t, pad, device = self.recipe.train, self.tokenizer.pad_token_id, self.accelerator.device
-        batches = [self.splits.eval[i: i + t.batch_size] for i in range(0, len(self.splits.eval), t.batch_size)]
+        t, acc, pad = self.recipe.train, self.accelerator, self.tokenizer.pad_token_id
+        limit = len(self.splits.eval) if t.eval_batches is None else t.eval_batches * t.batch_size * acc.num_processes
+        mine = self.splits.eval[:limit][acc.process_index:: acc.num_processes]
         total, count = 0.0, 0
-        for examples in batches[: t.eval_batches]:
-            batch = {k: v.to(device) for k, v in collate(examples, pad).items()}
+        for start in range(0, len(mine), t.batch_size):
+            batch = {k: v.to(acc.device) for k, v in collate(mine[start: start + t.batch_size], pad).items()}
             n = count_items([batch])
             if n:
                 total += micro_batch_loss(self.model, batch, n).float().item() * n
                 count += n
         self.model.train()
+        total, count = _sum_over_processes(acc, total), int(_sum_over_processes(acc, count))
         loss = total / max(count, 1)
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}
 

@@ -182,7 +182,10 @@ class TrainSection(Section):
 
 
 class DistributedSection(Section):
-    engine: Literal["none"] = Field("none", description="Single process.")
+    engine: Literal["none", "ddp"] = Field("none", description="'none': one process; 'ddp': torch "
+                                           "DistributedDataParallel through accelerate (gloo on CPU, NCCL on GPU).")
+    nproc_per_node: int = Field(2, ge=1, description="Processes `memft finetune` starts for engine ddp (through "
+                                "torch.distributed.run); ignored when already launched by torchrun.")
 
 
 class MemorySection(Section):
