@@ -76,8 +76,18 @@ def _apply_loram(prepared: PreparedModel, section, calibration) -> None:
 
 
 ADAPTERS: dict[str, Callable] = {"lora": _apply_lora, "loram": _apply_loram}
+def _cut_cross_entropy(prepared: PreparedModel, section) -> None:
+    from memft.losses import patch_loss
+
+    try:
+        handle = patch_loss(prepared.model, "cut_cross_entropy", impl=section.impl)
+    except ValueError as exc:
+        raise RecipeError(f"loss (cut_cross_entropy): {exc}") from None
+    prepared.undo.append(handle.undo)
+
+
 ACTIVATIONS: dict[str, Callable] = {}
-LOSSES: dict[str, Callable] = {}
+LOSSES: dict[str, Callable] = {"cut_cross_entropy": _cut_cross_entropy}
 
 
 def check_compatibility(recipe: Recipe) -> None:

@@ -118,7 +118,16 @@ class CrossEntropySection(Section):
     name: Literal["cross_entropy"] = Field("cross_entropy", description="The model's own loss on full logits.")
 
 
-LossSection = Annotated[Union[CrossEntropySection], Field(discriminator="name")]  # noqa: UP007
+class CutCrossEntropySection(Section):
+    name: Literal["cut_cross_entropy"] = Field(..., description="Cut cross-entropy (arXiv 2411.09009): the loss "
+                                               "from hidden states and the LM head block by block, never "
+                                               "materialising the logits.")
+    impl: Literal["auto", "torch", "triton"] = Field("auto", description="'auto': Triton kernels on CUDA, the "
+                                                     "chunked torch path elsewhere.")
+
+
+LossSection = Annotated[Union[CrossEntropySection, CutCrossEntropySection],  # noqa: UP007
+                        Field(discriminator="name")]
 
 
 # ------------------------------------------------------------------------------------------- adapter

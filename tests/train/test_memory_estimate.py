@@ -16,7 +16,8 @@ SMALL = {"data": {"max_seq_len": 32}, "train": {"batch_size": 2}}
     {"adapter": {"name": "lora", "r": 4}},
     {"optimizer": {"name": "mezo"}},
     {"adapter": {"name": "lora", "r": 4}, "optimizer": {"name": "mezo"}},
-], ids=["adamw", "lora", "mezo", "mezo+lora"])
+    {"loss": {"name": "cut_cross_entropy"}},
+], ids=["adamw", "lora", "mezo", "mezo+lora", "cut-ce"])
 def test_estimate_equals_measurement(methods):
     recipe = validate_recipe({**SMALL, **methods})
     estimated = recipe_memory(recipe, device="cpu")
@@ -30,6 +31,14 @@ def test_mezo_needs_no_more_than_inference_state():
     mezo = recipe_memory(validate_recipe({**SMALL, "optimizer": {"name": "mezo"}}), device="cpu")
     assert mezo.breakdown["gradients"] == mezo.breakdown["optimizer_state"] == 0
     assert mezo.peak_bytes < adamw.peak_bytes / 3
+
+
+def test_cut_cross_entropy_removes_the_logits_from_the_peak():
+    big_vocab = {**SMALL, "data": {"max_seq_len": 256}, "train": {"batch_size": 8}}
+    plain = recipe_memory(validate_recipe(big_vocab), device="cpu")
+    cut = recipe_memory(validate_recipe({**big_vocab, "loss": {"name": "cut_cross_entropy"}}), device="cpu")
+    logits = 8 * 256 * 1024 * 4  # fp32 [B, T, V]
+    assert plain.peak_bytes - cut.peak_bytes > logits
 
 
 def test_memory_command_json_and_errors(capsys, tmp_path):

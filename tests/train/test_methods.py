@@ -45,3 +45,17 @@ def test_mezo_resume_is_exact(tmp_path):
 def test_mezo_refuses_fp16_scaling_and_checkpointing():
     with pytest.raises(RecipeError, match="mezo"):
         check_compatibility(validate_recipe({"optimizer": {"name": "mezo"}, "model": {"gradient_checkpointing": True}}))
+
+
+def test_cut_cross_entropy_trains_like_the_full_logit_loss(tmp_path):
+    train = {"max_steps": 5}
+    plain = finetune(validate_recipe(tiny_recipe(tmp_path / "a", train=train)))
+    cut = finetune(validate_recipe(tiny_recipe(tmp_path / "b", train=train, loss={"name": "cut_cross_entropy"})))
+    assert cut.losses == pytest.approx(plain.losses, rel=1e-4)
+    assert cut.eval["eval_loss"] == pytest.approx(plain.eval["eval_loss"], rel=1e-4)
+
+
+def test_cut_cross_entropy_with_lora_and_grad_accum_resumes_exactly(tmp_path):
+    full, resumed = _crash_and_resume(tmp_path, loss={"name": "cut_cross_entropy"}, adapter=LORA,
+                                      train={"grad_accum": 2})
+    assert resumed == full
