@@ -99,6 +99,9 @@ def check_compatibility(recipe: Recipe) -> None:
     if recipe.train.mixed_precision == "fp16" and recipe.model.dtype != "float32":
         problems.append("train.mixed_precision fp16 needs float32 master weights (model.dtype float32) for "
                         "gradient scaling")
+    if getattr(recipe.optimizer, "layerwise", False) and recipe.train.mixed_precision == "fp16":
+        problems.append("optimizer.layerwise steps inside backward, before fp16 gradient scaling could unscale "
+                        "and check the gradients; use bfloat16 or float32")
     if recipe.optimizer.name == "mezo" and recipe.train.mixed_precision == "fp16":
         problems.append("optimizer mezo runs no backward, so fp16 gradient scaling has nothing to scale; use "
                         "train.mixed_precision 'no' or 'bf16', or load the model in float16/bfloat16")
@@ -165,10 +168,44 @@ def _mezo(model, s) -> OptimizerPlan:
                          step_kind="zeroth_order")
 
 
+def _galore(model, s, max_grad_norm: float | None) -> OptimizerPlan:
+    """GaLore family: low-rank groups for the target projections, plain updates for the rest."""
+    from memft.optimizers.galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, galore_param_groups
+    from memft.optimizers.layerwise import LayerwiseOptimizer
+    from memft.optimizers.natural_galore import NaturalGaLoreAdamW
+
+    trainable_parameters(model)
+    groups = galore_param_groups(model, target_modules=s.target_modules, rank=s.rank,
+                                 update_proj_gap=s.update_proj_gap, scale=s.scale, proj_type=s.proj_type,
+                                 svd=s.svd, weight_decay=s.weight_decay)
+    plain = [p for g in groups if "rank" not in g for p in g["params"]]
+    groups = [g for g in groups if "rank" in g] + [  # decay on matrices only, as for the other optimizers
+        {"params": [p for p in plain if p.ndim >= 2], "weight_decay": s.weight_decay},
+        {"params": [p for p in plain if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if s.name == "galore_adafactor":
+        cls, kwargs = GaLoreAdafactor, {"lr": s.lr, "relative_step": False, "scale_parameter": False,
+                                        "beta1": s.beta1, "weight_decay": s.weight_decay}
+    else:
+        cls = {"galore_adamw": GaLoreAdamW, "galore_adamw8bit": GaLoreAdamW8bit,
+               "natural_galore_adamw": NaturalGaLoreAdamW}[s.name]
+        kwargs = {"lr": s.lr, "betas": s.betas, "eps": s.eps, "weight_decay": s.weight_decay}
+        if s.name == "natural_galore_adamw":
+            kwargs.update(history_size=s.history_size, damping=s.damping, history_on_refresh=s.history_on_refresh)
+    kwargs["moments_on_refresh"] = s.moments_on_refresh
+    if s.layerwise:
+        return OptimizerPlan(LayerwiseOptimizer(groups, cls, max_grad_norm=max_grad_norm, **kwargs),
+                             step_kind="in_backward")
+    return OptimizerPlan(cls(groups, **kwargs))
+
+
 OPTIMIZERS: dict[str, Callable] = {"adamw": _adamw, "adamw8bit": _adamw8bit, "sgd": _sgd, "mezo": _mezo}
+GALORE = ("galore_adamw", "galore_adamw8bit", "galore_adafactor", "natural_galore_adamw")
 
 
 def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> OptimizerPlan:
+    if recipe.optimizer.name in GALORE:
+        return _galore(model, recipe.optimizer, recipe.train.max_grad_norm)
     return OPTIMIZERS[recipe.optimizer.name](model, recipe.optimizer)
 
 

@@ -91,6 +91,52 @@ class SGDSection(_OptimizerCommon):
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum.")
 
 
+class _GaLoreKnobs(Section):
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (before the update, as torch "
+                                "AdamW), on matrices only.")
+    rank: int = Field(128, ge=1, description="Rank r of the gradient subspace (paper: 128 for 1B, 1024 for 7B).")
+    update_proj_gap: int = Field(200, ge=1, description="Steps between subspace refreshes (T).")
+    scale: float = Field(0.25, gt=0, description="Scale α of the projected-back update.")
+    proj_type: Literal["std", "reverse_std", "left", "right", "full"] = Field(
+        "std", description="Which side is projected: 'std' the smaller one, 'full' both (r x r).")
+    svd: Literal["exact", "randomized"] = Field("exact", description="Subspace from an exact SVD, or a "
+                                                "randomized range finder (much cheaper on large matrices).")
+    moments_on_refresh: Literal["keep", "reproject"] = Field(
+        "keep", description="Moments when the subspace changes: kept as is (reference behaviour) or mapped "
+        "into the new basis.")
+    target_modules: list[str] | None = Field(None, description="Linear layers (name suffixes) optimised in "
+                                             "low rank; default the attention and MLP projections. The rest "
+                                             "(embeddings, norms, head) get plain updates.")
+    layerwise: bool = Field(False, description="Step each parameter inside backward and free its gradient at "
+                            "once (full gradients never coexist); accumulation happens in the low-rank space.")
+
+
+class GaLoreAdamWSection(_GaLoreKnobs):
+    name: Literal["galore_adamw"] = Field(..., description="GaLore AdamW (arXiv 2403.03507).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam moment coefficients.")
+    eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
+
+
+class GaLoreAdamW8bitSection(GaLoreAdamWSection):
+    name: Literal["galore_adamw8bit"] = Field(..., description="GaLore AdamW with block-wise 8-bit moments.")
+
+
+class GaLoreAdafactorSection(_GaLoreKnobs):
+    name: Literal["galore_adafactor"] = Field(..., description="GaLore with Adafactor's factored second moment "
+                                              "(external lr schedule, relative_step off).")
+    beta1: float | None = Field(None, ge=0, lt=1, description="First-moment coefficient; null keeps none.")
+
+
+class NaturalGaLoreAdamWSection(GaLoreAdamWSection):
+    name: Literal["natural_galore_adamw"] = Field(..., description="Natural GaLore (arXiv 2410.16029): low-rank "
+                                                  "gradients preconditioned by the inverse empirical Fisher.")
+    history_size: int = Field(20, ge=1, description="Low-rank gradients kept for the Fisher estimate (s).")
+    damping: float = Field(1e-3, gt=0, description="Fisher damping λ.")
+    history_on_refresh: Literal["clear", "keep"] = Field("clear", description="Gradient history when the "
+                                                         "subspace changes (old gradients live in another basis).")
+
+
 class MeZOSection(_OptimizerCommon):
     name: Literal["mezo"] = Field(..., description="MeZO zeroth-order SGD (arXiv 2305.17333): two forward "
                                   "passes per step, no backward, training memory = inference memory.")
@@ -101,7 +147,9 @@ class MeZOSection(_OptimizerCommon):
                           "mode; with dropout ℓ₊ and ℓ₋ see different masks).")
 
 
-OptimizerSection = Annotated[Union[AdamWSection, AdamW8bitSection, SGDSection, MeZOSection],  # noqa: UP007
+OptimizerSection = Annotated[Union[AdamWSection, AdamW8bitSection, SGDSection, MeZOSection,  # noqa: UP007
+                                   GaLoreAdamWSection, GaLoreAdamW8bitSection, GaLoreAdafactorSection,
+                                   NaturalGaLoreAdamWSection],
                              Field(discriminator="name")]
 
 

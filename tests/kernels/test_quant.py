@@ -13,6 +13,7 @@ from memft.kernels.quant import (
     pack_codes,
     packed_nbytes,
     quantize_pack,
+    uniform_noise,
     unpack_codes,
     unpack_dequantize,
 )
@@ -70,16 +71,19 @@ def test_saturation_no_wrap_around(rounding: str) -> None:
     assert (restored <= 1.0 + 1e-6).all() and (restored >= -1.0).all()
 
 
-def test_stochastic_rounding_is_unbiased_and_error_shrinks_like_inverse_sqrt() -> None:
+@pytest.mark.parametrize("noise", ["global generator", "counter-based seeds"])
+def test_stochastic_rounding_is_unbiased_and_error_shrinks_like_inverse_sqrt(noise: str) -> None:
     torch.manual_seed(3)
     x = torch.rand(64) * 2 - 1
     lo, hi = torch.tensor([-1.0]), torch.tensor([1.0])
     step = 2.0 / 15
+    seeds = iter(range(10**6))
 
     def mean_of(draws: int) -> torch.Tensor:
         total = torch.zeros_like(x)
         for _ in range(draws):
-            total += unpack_dequantize(quantize_pack(x, 4, lo, hi, rounding="stochastic"))
+            seed = next(seeds) * 7919 if noise == "counter-based seeds" else None
+            total += unpack_dequantize(quantize_pack(x, 4, lo, hi, rounding="stochastic", seed=seed))
         return total / draws
 
     small, large = 50, 800
@@ -90,6 +94,17 @@ def test_stochastic_rounding_is_unbiased_and_error_shrinks_like_inverse_sqrt() -
     assert ((mean_large - x).abs() <= 4.5 * (step / 2) / math.sqrt(large)).all()
     # 16x more draws: error ~4x smaller (allow 2.5x..6.5x for sampling noise)
     assert 2.5 < float(err_small / err_large) < 6.5
+
+
+def test_uniform_noise_is_uniform_and_reproducible() -> None:
+    u = uniform_noise((200_000,), 123, "cpu")
+    assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
+    assert abs(float(u.mean()) - 0.5) < 0.005 and abs(float(u.var()) - 1 / 12) < 0.002
+    counts = torch.histc(u, bins=10, min=0.0, max=1.0)
+    assert float((counts - 20_000).abs().max()) < 800  # about 5.7 sigma of a binomial count
+    assert torch.equal(u, uniform_noise((200_000,), 123, "cpu"))
+    other = uniform_noise((200_000,), 124, "cpu")
+    assert abs(float(torch.corrcoef(torch.stack([u, other]))[0, 1])) < 0.01
 
 
 def test_bad_arguments() -> None:

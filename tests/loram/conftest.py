@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from loram_models import token_batch as _token_batch
+from tests.loram.loram_models import token_batch as _token_batch
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ import torch
 from memft.loram import PruningPlan, apply_plan, select_plan
 from memft.loram.plan import PLAN_JSON, ModelDims
 
-from loram_models import tiny_config, tiny_model
+from tests.loram.loram_models import tiny_config, tiny_model
 
 
 def test_plan_round_trips_through_disk_and_rebuilds_the_same_pruned_model(tmp_path, token_batch):

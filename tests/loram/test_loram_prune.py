@@ -9,7 +9,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from memft.loram import apply_plan, kept_count, plan_from_counts, prune, resolve_dense_layers, select_plan
 from memft.loram.plan import ModelDims
 
-from loram_models import ALL_PROJECTIONS, tiny_config, tiny_model, zero_pruned_units
+from tests.loram.loram_models import ALL_PROJECTIONS, tiny_config, tiny_model, zero_pruned_units
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ bnb = pytest.importorskip("bitsandbytes")
 
 from memft.loram import nf4_bytes, parameter_storage_bytes, prepare_loram, prune, quantize_nf4, recover  # noqa: E402
 
-from loram_models import ALL_PROJECTIONS, tiny_model  # noqa: E402
+from tests.loram.loram_models import ALL_PROJECTIONS, tiny_model  # noqa: E402
 
 
 def _dequantized_copy(plain, quantized):

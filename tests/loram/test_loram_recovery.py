@@ -17,7 +17,7 @@ from memft.loram import (
     select_plan,
 )
 
-from loram_models import ALL_PROJECTIONS, tiny_model, zero_pruned_units
+from tests.loram.loram_models import ALL_PROJECTIONS, tiny_model, zero_pruned_units
 
 LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_PROJECTIONS)
 

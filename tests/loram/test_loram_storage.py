@@ -4,7 +4,7 @@ from transformers import LlamaConfig
 
 from memft.loram import parameter_storage_bytes, prune
 
-from loram_models import tiny_model
+from tests.loram.loram_models import tiny_model
 
 
 def test_meta_count_equals_the_real_pruned_models_bytes():

@@ -59,3 +59,27 @@ def test_cut_cross_entropy_with_lora_and_grad_accum_resumes_exactly(tmp_path):
     full, resumed = _crash_and_resume(tmp_path, loss={"name": "cut_cross_entropy"}, adapter=LORA,
                                       train={"grad_accum": 2})
     assert resumed == full
+
+
+GALORE = {"name": "galore_adamw", "lr": 2e-3, "rank": 8, "update_proj_gap": 3}
+
+
+@pytest.mark.parametrize("name", ["galore_adamw", "galore_adamw8bit", "galore_adafactor", "natural_galore_adamw"])
+def test_galore_family_lowers_the_loss(tmp_path, name):
+    result = finetune(validate_recipe(tiny_recipe(tmp_path / "run", optimizer={**GALORE, "name": name},
+                                                  train={"max_steps": 10})))
+    assert sum(result.losses[-3:]) / 3 < 0.7 * result.losses[0]
+
+
+def test_layerwise_galore_equals_the_ordinary_step_through_the_loop(tmp_path):
+    train = {"max_steps": 6, "max_grad_norm": None}
+    ordinary = finetune(validate_recipe(tiny_recipe(tmp_path / "a", optimizer=GALORE, train=train)))
+    layerwise = finetune(validate_recipe(tiny_recipe(tmp_path / "b", optimizer={**GALORE, "layerwise": True},
+                                                     train=train)))
+    assert layerwise.losses == pytest.approx(ordinary.losses, rel=1e-5)
+
+
+def test_layerwise_galore_with_accumulation_and_clipping_resumes_exactly(tmp_path):
+    full, resumed = _crash_and_resume(tmp_path, optimizer={**GALORE, "name": "galore_adamw8bit", "layerwise": True},
+                                      train={"grad_accum": 2})
+    assert resumed == full

@@ -1,0 +1,461 @@
+"""GaLore optimizers: gradient low-rank projection (Zhao et al., arXiv 2403.03507).
+
+For a 2-D weight ``W`` (``m × n``) in a parameter group that has a ``rank`` key, the gradient ``G``
+is projected to a low-rank ``R`` (see :mod:`memft.optimizers.projector`), the optimizer keeps its
+moments in that low-rank shape, and the normalised update ``N`` is projected back and scaled::
+
+    W <- W * (1 - lr * weight_decay)            # decoupled decay, before the update (torch AdamW style)
+    W <- W - lr * scale * project_back(N)
+
+Parameter-group keys for GaLore groups: ``rank`` (required), ``update_proj_gap`` (200), ``scale``
+(0.25), ``proj_type`` (``"std"``), ``svd`` (``"exact"``), ``svd_oversampling`` (8),
+``svd_power_iters`` (2), ``svd_seed`` (0). Groups without ``rank``, and non-2-D tensors in any
+group, get the plain algorithm (AdamW / Adafactor). ``lr``, ``betas``, ``eps`` and ``weight_decay``
+are honoured in every group.
+
+Deliberate choices (documented here, tested in ``tests/optimizers/test_galore.py``):
+
+* Weight decay is decoupled and applied *before* the update with the unscaled ``lr``, as in
+  ``torch.optim.AdamW``; the reference decays after the update (a difference of order
+  ``lr² · weight_decay``). Plain groups of :class:`GaLoreAdamW` therefore equal ``torch.optim.AdamW``.
+* Adam uses ``N = m̂ / (√v̂ + eps)`` with bias-corrected moments (torch convention), the reference
+  puts ``eps`` outside the bias correction.
+* ``moments_on_refresh="keep"`` (default) leaves the moments untouched when the subspace changes,
+  exactly as the reference and the paper's experiments do. ``"reproject"`` maps them into the new
+  subspace: ``m <- T m`` (exact for the part of ``m`` inside both subspaces) and ``v <- (T ⊙ T) v``
+  (a non-negative approximation; exact when the new basis is a signed permutation of the old).
+* Moments are stored, and updated in place, in the parameter dtype (like ``torch.optim.AdamW``
+  and the reference), so no full-size fp32 temporaries appear for bf16 embeddings; bases are stored
+  in the gradient dtype, SVDs run in fp32. The 8-bit variant dequantises to fp32 per tensor.
+* The step counter is a Python ``int`` per parameter and is counted once, by this code.
+
+Everything in ``state_dict()`` is plain tensors, numbers, strings and dicts (the projector is stored
+as ``state["projector"]``), so it round-trips through ``torch.load(weights_only=True)``; loading keeps
+each state tensor's dtype (uint8 codes, fp32 scales) and only moves it to the parameter's device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from memft.optimizers import _blockwise8bit as q8
+from memft.optimizers.projector import LowRankProjector, map_low_rank, validate_projection_config
+
+GALORE_DEFAULTS: dict[str, Any] = {
+    "update_proj_gap": 200,
+    "scale": 0.25,
+    "proj_type": "std",
+    "svd": "exact",
+    "svd_oversampling": 8,
+    "svd_power_iters": 2,
+    "svd_seed": 0,
+}
+MOMENTS_ON_REFRESH = ("keep", "reproject")
+DEFAULT_TARGET_MODULES = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    "c_attn", "c_proj", "c_fc", "fc1", "fc2", "query", "key", "value", "dense",
+    "qkv_proj", "gate_up_proj", "out_proj", "wq", "wk", "wv", "wo", "w1", "w2", "w3",
+)  # fmt: skip
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device=device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_device(v, device) for v in value]
+    return value
+
+
+class GaLoreOptimizer(torch.optim.Optimizer):
+    """Base class: projection, refresh, decay and checkpointing shared by the GaLore algorithms.
+
+    A subclass implements :meth:`_direction` (one algorithm step in the low-rank space) and
+    :meth:`_reproject_state` (moments into a new subspace). :meth:`project_grad` and
+    :meth:`apply_update` are the two halves of a step; :class:`memft.optimizers.layerwise.LayerwiseOptimizer`
+    calls them separately to accumulate low-rank gradients.
+    """
+
+    def __init__(self, params: Iterable, defaults: dict[str, Any], moments_on_refresh: str = "keep") -> None:
+        if moments_on_refresh not in MOMENTS_ON_REFRESH:
+            raise ValueError(
+                f"`moments_on_refresh` must be one of {MOMENTS_ON_REFRESH}, got {moments_on_refresh!r}; "
+                "'keep' matches the GaLore paper, 'reproject' maps the moments into the new subspace."
+            )
+        super().__init__(params, {**defaults, "moments_on_refresh": moments_on_refresh})
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "rank" in param_group:
+            for key, value in GALORE_DEFAULTS.items():
+                param_group.setdefault(key, value)
+            validate_projection_config(
+                param_group["rank"], param_group["update_proj_gap"], param_group["proj_type"], param_group["svd"],
+                param_group["svd_oversampling"], param_group["svd_power_iters"],
+            )  # fmt: skip
+            if not isinstance(param_group["scale"], (int, float)) or param_group["scale"] <= 0:
+                raise ValueError(f"`scale` must be a positive number, got {param_group['scale']!r}; the paper uses 0.25.")
+        moments = param_group.get("moments_on_refresh", self.defaults.get("moments_on_refresh", "keep"))
+        if moments not in MOMENTS_ON_REFRESH:
+            raise ValueError(f"`moments_on_refresh` must be one of {MOMENTS_ON_REFRESH}, got {moments!r}.")
+        super().add_param_group(param_group)
+
+    # ----------------------------------------------------------------- projection half
+    @staticmethod
+    def is_low_rank(param: Tensor, group: dict[str, Any]) -> bool:
+        return "rank" in group and param.dim() == 2
+
+    def _projector(self, param: Tensor, group: dict[str, Any]) -> LowRankProjector:
+        saved = self.state[param].get("projector")
+        if saved is not None:
+            return LowRankProjector.from_state_dict(saved)
+        return LowRankProjector(
+            rank=group["rank"], update_proj_gap=group["update_proj_gap"], proj_type=group["proj_type"], svd=group["svd"],
+            oversampling=group["svd_oversampling"], power_iters=group["svd_power_iters"], seed=group["svd_seed"],
+        )  # fmt: skip
+
+    def needs_refresh(self, param: Tensor, group: dict[str, Any]) -> bool:
+        """Whether the next :meth:`project_grad` of ``param`` will recompute its subspace."""
+        if not self.is_low_rank(param, group):
+            return False
+        return self._projector(param, group).needs_refresh(self.state[param].get("step", 0))
+
+    def project_grad(self, param: Tensor, grad: Tensor, group: dict[str, Any], allow_refresh: bool = True) -> Tensor:
+        """Refresh the subspace if due (and ``allow_refresh``), return the gradient the algorithm consumes."""
+        if not self.is_low_rank(param, group):
+            return grad
+        state = self.state[param]
+        projector = self._projector(param, group)
+        if not projector.initialised or (allow_refresh and projector.needs_refresh(state.get("step", 0))):
+            old_left, old_right = projector.left, projector.right
+            had_basis = projector.initialised
+            projector.refresh(grad)
+            state["projector"] = projector.state_dict()
+            if had_basis:
+                self._on_refresh(state, group, projector, old_left, old_right)
+        return projector.project(grad)
+
+    def _on_refresh(
+        self, state: dict, group: dict[str, Any], projector: LowRankProjector, old_left: Tensor | None, old_right: Tensor | None
+    ) -> None:
+        if group["moments_on_refresh"] == "reproject" and state.get("step", 0) > 0:
+            t_left, t_right = projector.transitions(old_left, old_right)
+            self._reproject_state(state, t_left, t_right)
+
+    # ----------------------------------------------------------------- update half
+    def apply_update(self, param: Tensor, low_grad: Tensor, group: dict[str, Any]) -> None:
+        """One algorithm step for ``param`` given the (projected) gradient from :meth:`project_grad`."""
+        state = self.state[param]
+        low_rank = self.is_low_rank(param, group)
+        direction, step_size, decay_lr = self._direction(param, low_grad, group, state, low_rank)
+        if group["weight_decay"] != 0:
+            param.mul_(1 - decay_lr * group["weight_decay"])
+        if low_rank:
+            projector = LowRankProjector.from_state_dict(state["projector"])
+            update = projector.project_back(direction.to(param.dtype))
+            param.add_(update, alpha=-step_size * group["scale"])
+        else:
+            param.add_(direction, alpha=-step_size)
+
+    def _direction(
+        self, param: Tensor, grad: Tensor, group: dict[str, Any], state: dict, low_rank: bool
+    ) -> tuple[Tensor, float, float | Tensor]:
+        """Return ``(direction, step_size, decay_lr)``: the update is ``-step_size * direction``."""
+        raise NotImplementedError
+
+    def _reproject_state(self, state: dict, t_left: Tensor | None, t_right: Tensor | None) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    raise TypeError(f"{type(self).__name__} does not support sparse gradients; use dense embeddings.")
+                self.apply_update(param, self.project_grad(param, param.grad, group), group)
+        return loss
+
+    # ----------------------------------------------------------------- checkpointing
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a ``state_dict()``; keeps every state tensor's dtype and moves it to its parameter's device."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict has {len(saved_groups)} parameter groups, the optimizer {len(self.param_groups)}; "
+                "build the optimizer with the same param groups as the one that was saved."
+            )
+        id_to_param: dict[int, Tensor] = {}
+        new_groups = []
+        for saved, group in zip(saved_groups, self.param_groups):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError("state_dict param group sizes differ from the optimizer's; build it from the same model.")
+            id_to_param.update(zip(saved["params"], group["params"]))
+            new_groups.append({**saved, "params": group["params"]})
+        state: defaultdict[Tensor, dict] = defaultdict(dict)
+        for key, value in state_dict["state"].items():
+            param = id_to_param[key]
+            state[param] = _to_device(value, param.device)
+        self.__setstate__({"state": state, "param_groups": new_groups})
+
+
+def _fp32(x: Tensor) -> Tensor:
+    return x if x.dtype == torch.float32 else x.float()
+
+
+class GaLoreAdamW(GaLoreOptimizer):
+    """AdamW with GaLore projection for groups that have ``rank`` (arXiv 2403.03507, 1711.05101).
+
+    State per parameter: ``step`` (int), ``exp_avg``/``exp_avg_sq`` in the low-rank shape
+    (``(m, r)``, ``(r, n)`` or ``(r, r)``; the full shape for plain parameters) and ``projector``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        moments_on_refresh: str = "keep",
+    ) -> None:
+        if lr < 0:
+            raise ValueError(f"`lr` must be >= 0, got {lr}.")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"`betas` must lie in [0, 1), got {betas}; the usual choice is (0.9, 0.999).")
+        if eps < 0 or weight_decay < 0:
+            raise ValueError(f"`eps` and `weight_decay` must be >= 0, got eps={eps}, weight_decay={weight_decay}.")
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}, moments_on_refresh)
+
+    def _moments(self, state: dict, like: Tensor, param: Tensor) -> tuple[Tensor, Tensor]:
+        """``exp_avg`` and ``exp_avg_sq`` in the parameter dtype, created on first use."""
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros(like.shape, dtype=param.dtype, device=like.device)
+            state["exp_avg_sq"] = torch.zeros(like.shape, dtype=param.dtype, device=like.device)
+        return state["exp_avg"], state["exp_avg_sq"]
+
+    def _store_moments(self, state: dict, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
+        """Moments are updated in place; the 8-bit variant requantises here."""
+
+    def _adam(self, grad: Tensor, group: dict[str, Any], state: dict, param: Tensor) -> tuple[Tensor, float, float]:
+        """Adam moments update in the moments' dtype; returns ``(m / (√v / √bc2 + eps), lr / bc1, lr)``."""
+        beta1, beta2 = group["betas"]
+        exp_avg, exp_avg_sq = self._moments(state, grad, param)
+        grad = grad.to(exp_avg.dtype)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        self._store_moments(state, exp_avg, exp_avg_sq)
+        state["step"] = state.get("step", 0) + 1
+        bias_correction1 = 1 - beta1 ** state["step"]
+        bias_correction2 = 1 - beta2 ** state["step"]
+        direction = exp_avg_sq.sqrt().div_(math.sqrt(bias_correction2)).add_(group["eps"])
+        torch.div(exp_avg, direction, out=direction)  # one temporary, reused in place
+        return direction, group["lr"] / bias_correction1, group["lr"]
+
+    def _direction(self, param, grad, group, state, low_rank):
+        return self._adam(grad, group, state, param)
+
+    def _reproject_state(self, state: dict, t_left: Tensor | None, t_right: Tensor | None) -> None:
+        state["exp_avg"] = map_low_rank(state["exp_avg"], t_left, t_right)
+        state["exp_avg_sq"] = map_low_rank(state["exp_avg_sq"], t_left, t_right, squared=True)
+
+
+class GaLoreAdamW8bit(GaLoreAdamW):
+    """:class:`GaLoreAdamW` with block-wise 8-bit moments (arXiv 2110.02861).
+
+    Moments with at least 4096 elements are stored as uint8 codes with one fp32 scale per block of
+    256 (``exp_avg_codes``, ``exp_avg_absmax``, ``exp_avg_sq_codes``, ``exp_avg_sq_absmax``, plus
+    ``moment_shape``); smaller ones stay fp32 (``exp_avg``, ``exp_avg_sq``). Each step dequantises,
+    updates in fp32, computes the update from the fp32 moments and requantises. Pure torch (no
+    bitsandbytes): it runs on CPU and under ``FakeTensorMode``, and counts ``step`` exactly once.
+    """
+
+    def _moments(self, state: dict, like: Tensor, param: Tensor) -> tuple[Tensor, Tensor]:
+        if "exp_avg" not in state and "exp_avg_codes" not in state:
+            zeros = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+            if like.numel() < q8.MIN_8BIT_NUMEL:
+                state["exp_avg"], state["exp_avg_sq"] = zeros, zeros.clone()
+                return state["exp_avg"], state["exp_avg_sq"]
+            state["moment_shape"] = list(like.shape)
+            self._store_moments(state, zeros, zeros)
+        if "exp_avg" in state:
+            return state["exp_avg"], state["exp_avg_sq"]
+        return self._dequantized(state)
+
+    @staticmethod
+    def _dequantized(state: dict) -> tuple[Tensor, Tensor]:
+        shape = tuple(state["moment_shape"])
+        exp_avg = q8.dequantize(state["exp_avg_codes"], state["exp_avg_absmax"], shape, signed=True)
+        exp_avg_sq = q8.dequantize(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], shape, signed=False)
+        return exp_avg, exp_avg_sq
+
+    def _store_moments(self, state: dict, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
+        if "moment_shape" in state:
+            state["exp_avg_codes"], state["exp_avg_absmax"] = q8.quantize(exp_avg, signed=True)
+            state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"] = q8.quantize(exp_avg_sq, signed=False)
+
+    def _reproject_state(self, state: dict, t_left: Tensor | None, t_right: Tensor | None) -> None:
+        if "exp_avg" in state:
+            super()._reproject_state(state, t_left, t_right)
+            return
+        exp_avg, exp_avg_sq = self._dequantized(state)
+        exp_avg = map_low_rank(exp_avg, t_left, t_right)
+        exp_avg_sq = map_low_rank(exp_avg_sq, t_left, t_right, squared=True)
+        state["moment_shape"] = list(exp_avg.shape)
+        self._store_moments(state, exp_avg, exp_avg_sq)
+
+
+class GaLoreAdafactor(GaLoreOptimizer):
+    """Adafactor (Shazeer & Stern, arXiv 1804.04235) with GaLore projection, following the
+    ``transformers.Adafactor`` update rule.
+
+    Second moments of 2-D (low-rank) gradients are factored into ``exp_avg_sq_row`` (rows) and
+    ``exp_avg_sq_col`` (columns); optional first moment ``exp_avg`` when ``beta1`` is set. With
+    ``relative_step=True`` (and ``lr=None``) the step size is ``min(1e-2, 1/√t)`` (``1e-6·t`` with
+    ``warmup_init``), times ``max(eps[1], RMS(W))`` when ``scale_parameter``. Pass an ``lr`` and
+    ``relative_step=False`` to use an external schedule. Weight decay is decoupled, before the update.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float | None = None,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        beta1: float | None = None,
+        weight_decay: float = 0.0,
+        scale_parameter: bool = True,
+        relative_step: bool = True,
+        warmup_init: bool = False,
+        moments_on_refresh: str = "keep",
+    ) -> None:
+        if lr is not None and relative_step:
+            raise ValueError("`lr` was given with `relative_step=True`; pass relative_step=False to use a fixed or scheduled lr.")
+        if lr is None and not relative_step:
+            raise ValueError("`relative_step=False` needs an `lr`; pass e.g. lr=1e-3.")
+        if warmup_init and not relative_step:
+            raise ValueError("`warmup_init=True` requires `relative_step=True`.")
+        defaults = {
+            "lr": lr, "eps": eps, "clip_threshold": clip_threshold, "decay_rate": decay_rate, "beta1": beta1,
+            "weight_decay": weight_decay, "scale_parameter": scale_parameter, "relative_step": relative_step,
+            "warmup_init": warmup_init,
+        }  # fmt: skip
+        super().__init__(params, defaults, moments_on_refresh)
+
+    @staticmethod
+    def _rms(x: Tensor) -> Tensor:
+        return torch.linalg.vector_norm(x, dtype=torch.float32) / x.numel() ** 0.5
+
+    def _step_size(self, group: dict[str, Any], step: int, param: Tensor) -> float | Tensor:
+        size: float | Tensor = group["lr"]
+        if group["relative_step"]:
+            min_step = 1e-6 * step if group["warmup_init"] else 1e-2
+            size = min(min_step, 1.0 / math.sqrt(step))
+        if group["scale_parameter"]:
+            size = self._rms(param).clamp(min=group["eps"][1]) * size
+        return size
+
+    def _direction(self, param, grad, group, state, low_rank):
+        grad32 = _fp32(grad)
+        factored = grad32.dim() >= 2
+        if "exp_avg_sq_row" not in state and "exp_avg_sq" not in state:
+            if factored:
+                state["exp_avg_sq_row"] = grad32.new_zeros(grad32.shape[:-1])
+                state["exp_avg_sq_col"] = grad32.new_zeros(grad32.shape[:-2] + grad32.shape[-1:])
+            else:
+                state["exp_avg_sq"] = torch.zeros_like(grad32)
+            if group["beta1"] is not None:
+                state["exp_avg"] = torch.zeros_like(grad32)
+        state["step"] = state.get("step", 0) + 1
+        lr = self._step_size(group, state["step"], param)
+        beta2t = 1.0 - state["step"] ** group["decay_rate"]
+        squared = grad32 * grad32 + group["eps"][0]
+        if factored:
+            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+            row.mul_(beta2t).add_(squared.mean(dim=-1), alpha=1 - beta2t)
+            col.mul_(beta2t).add_(squared.mean(dim=-2), alpha=1 - beta2t)
+            row_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt().unsqueeze(-1)
+            update = row_factor * col.unsqueeze(-2).rsqrt() * grad32
+        else:
+            state["exp_avg_sq"].mul_(beta2t).add_(squared, alpha=1 - beta2t)
+            update = state["exp_avg_sq"].rsqrt() * grad32
+        update.div_((self._rms(update) / group["clip_threshold"]).clamp(min=1.0))
+        update.mul_(lr)
+        if group["beta1"] is not None:
+            state["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1 - group["beta1"])
+            update = state["exp_avg"]
+        return update, 1.0, lr
+
+    def _reproject_state(self, state: dict, t_left: Tensor | None, t_right: Tensor | None) -> None:
+        if "exp_avg" in state:
+            state["exp_avg"] = map_low_rank(state["exp_avg"], t_left, t_right)
+        if t_left is not None:
+            state["exp_avg_sq_row"] = (t_left * t_left) @ state["exp_avg_sq_row"]
+        if t_right is not None:
+            state["exp_avg_sq_col"] = state["exp_avg_sq_col"] @ (t_right * t_right)
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, nn.Parameter) and weight.dim() == 2 and (
+        isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    )
+
+
+def galore_param_groups(
+    model: nn.Module,
+    target_modules: Iterable[str] | None = None,
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    proj_type: str = "std",
+    svd: str = "exact",
+    weight_decay: float = 0.0,
+    **extra: Any,
+) -> list[dict[str, Any]]:
+    """Split ``model``'s trainable parameters into a GaLore group and a plain group.
+
+    A weight goes to the GaLore group when it is the 2-D ``weight`` of an ``nn.Linear`` (or HF
+    ``Conv1D``) whose last name component contains one of ``target_modules`` (default: the
+    attention and MLP projections in :data:`DEFAULT_TARGET_MODULES`). Everything else that
+    requires grad (embeddings, norms, biases, the LM head) goes to the plain group. ``extra`` keys
+    (e.g. ``svd_oversampling``, ``svd_power_iters``, ``lr``) are added to the GaLore group only.
+    """
+    validate_projection_config(rank, update_proj_gap, proj_type, svd, extra.get("svd_oversampling", 8), extra.get("svd_power_iters", 2))
+    user_targets = target_modules is not None
+    if isinstance(target_modules, str):
+        raise TypeError("`target_modules` must be a list of names, not a string; pass e.g. ['q_proj', 'v_proj'].")
+    targets = tuple(target_modules) if user_targets else DEFAULT_TARGET_MODULES
+    galore_ids = set()
+    for name, module in model.named_modules():
+        last = name.rsplit(".", 1)[-1]
+        if _is_linear_like(module) and module.weight.requires_grad and any(t in last for t in targets):
+            galore_ids.add(id(module.weight))
+    if not galore_ids:
+        raise ValueError(
+            f"galore_param_groups found no trainable 2-D linear weight whose module name contains one of {targets}; "
+            "pass `target_modules` with the names of your model's linear layers (see model.named_modules())."
+        )
+    galore_params, plain_params = [], []
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            (galore_params if id(param) in galore_ids else plain_params).append(param)
+    galore_group = {
+        "params": galore_params, "rank": rank, "update_proj_gap": update_proj_gap, "scale": scale,
+        "proj_type": proj_type, "svd": svd, "weight_decay": weight_decay, **extra,
+    }  # fmt: skip
+    groups = [galore_group]
+    if plain_params:
+        groups.append({"params": plain_params, "weight_decay": weight_decay})
+    return groups
