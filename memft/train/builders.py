@@ -86,7 +86,22 @@ def _cut_cross_entropy(prepared: PreparedModel, section) -> None:
     prepared.undo.append(handle.undo)
 
 
-ACTIVATIONS: dict[str, Callable] = {}
+def _compress_activations(prepared: PreparedModel, section) -> None:
+    from memft.activations import compress_activations
+
+    options = section.model_dump(exclude={"name"})
+    if options.get("others") == "none":
+        options["others"] = None
+    try:
+        handle = compress_activations(prepared.model, section.name, **options)
+    except ValueError as exc:
+        raise RecipeError(f"activations ({section.name}): {exc}") from None
+    prepared.undo.append(handle.undo)
+    prepared.notes.append(f"activations: {section.name} on {len(handle.changes)} modules")
+
+
+ACTIVATIONS: dict[str, Callable] = {"mesa": _compress_activations, "wta_crs": _compress_activations,
+                                    "s2a": _compress_activations}
 LOSSES: dict[str, Callable] = {"cut_cross_entropy": _cut_cross_entropy}
 
 

@@ -158,7 +158,33 @@ class NoActivationCompression(Section):
     name: Literal["none"] = Field("none", description="Store activations as autograd does.")
 
 
-ActivationsSection = Annotated[Union[NoActivationCompression], Field(discriminator="name")]  # noqa: UP007
+class MesaSection(Section):
+    name: Literal["mesa"] = Field(..., description="Mesa (arXiv 2111.11124): tensors saved for backward stored "
+                                  "in 8 bits with per-group scale and offset; forward is exact.")
+    bits: int = Field(8, ge=1, le=8, description="Bits per stored value.")
+    group_size: int = Field(64, ge=1, description="Channels sharing one scale and offset.")
+    rounding: Literal["stochastic", "nearest"] = Field("stochastic", description="Rounding to the grid.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="EMA momentum of the tracked ranges.")
+
+
+class WTACRSSection(Section):
+    name: Literal["wta_crs"] = Field(..., description="WTA-CRS (arXiv 2305.15265): Linear weight gradients from "
+                                     "k = ratio x rows sampled winner-take-all; unbiased, only sampled rows stored.")
+    ratio: float = Field(0.3, gt=0, le=1, description="Fraction of rows kept (paper: 0.3).")
+    others: Literal["none", "mesa", "s2a"] = Field("none", description="Compressor for the tensors WTA-CRS does "
+                                                   "not sample (nonlinearities, norms, attention).")
+
+
+class S2ASection(Section):
+    name: Literal["s2a"] = Field(..., description="S2A (arXiv 2503.08154): nonlinearities store a 4-bit index "
+                                 "into a fitted piecewise-constant derivative; softmax outputs in 4 bits.")
+    bits: int = Field(4, ge=1, le=8, description="Bits for the derivative index of pointwise nonlinearities.")
+    softmax_bits: int = Field(4, ge=1, le=8, description="Bits for softmax outputs.")
+    norm_bits: int = Field(8, ge=1, le=8, description="Bits for LayerNorm/RMSNorm inputs.")
+
+
+ActivationsSection = Annotated[Union[NoActivationCompression, MesaSection, WTACRSSection, S2ASection],  # noqa: UP007
+                               Field(discriminator="name")]
 
 
 # ---------------------------------------------------------------------------------------------- loss

@@ -83,3 +83,21 @@ def test_layerwise_galore_with_accumulation_and_clipping_resumes_exactly(tmp_pat
     full, resumed = _crash_and_resume(tmp_path, optimizer={**GALORE, "name": "galore_adamw8bit", "layerwise": True},
                                       train={"grad_accum": 2})
     assert resumed == full
+
+
+@pytest.mark.parametrize("activations", [{"name": "mesa"}, {"name": "s2a"}, {"name": "wta_crs", "ratio": 0.5}])
+def test_activation_compressors_train_through_the_recipe(tmp_path, activations):
+    train = {"max_steps": 6}
+    plain = finetune(validate_recipe(tiny_recipe(tmp_path / "a", train=train)))
+    compressed = finetune(validate_recipe(tiny_recipe(tmp_path / "b", train=train, activations=activations)))
+    assert compressed.losses[0] == pytest.approx(plain.losses[0], rel=1e-6)  # forward is exact
+    assert compressed.losses[-1] < 0.7 * compressed.losses[0]
+
+
+def test_mesa_cuts_saved_activations_in_the_estimate():
+    from memft.train.memory_estimate import recipe_memory
+
+    small = {"data": {"max_seq_len": 64}, "train": {"batch_size": 4}}
+    plain = recipe_memory(validate_recipe(small), device="cpu")
+    mesa = recipe_memory(validate_recipe({**small, "activations": {"name": "mesa"}}), device="cpu")
+    assert mesa.peak_bytes < plain.peak_bytes
