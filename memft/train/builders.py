@@ -117,6 +117,9 @@ def check_compatibility(recipe: Recipe) -> None:
     if getattr(recipe.optimizer, "layerwise", False) and recipe.train.mixed_precision == "fp16":
         problems.append("optimizer.layerwise steps inside backward, before fp16 gradient scaling could unscale "
                         "and check the gradients; use bfloat16 or float32")
+    if getattr(recipe.optimizer, "layerwise", False) and recipe.distributed.engine != "none":
+        problems.append("optimizer.layerwise updates each parameter inside backward, before DDP has reduced its "
+                        "gradient across processes; use layerwise false with distributed engines")
     if recipe.optimizer.name == "mezo" and recipe.train.mixed_precision == "fp16":
         problems.append("optimizer mezo runs no backward, so fp16 gradient scaling has nothing to scale; use "
                         "train.mixed_precision 'no' or 'bf16', or load the model in float16/bfloat16")

@@ -98,3 +98,10 @@ def test_schema_lists_every_field_with_help():
     assert "optimizer" in describe_schema("optimizer")
     with pytest.raises(RecipeError, match="no recipe section"):
         describe_schema("optimiser")
+
+
+def test_layerwise_updates_are_refused_with_ddp():
+    recipe = validate_recipe({"optimizer": {"name": "galore_adamw", "layerwise": True},
+                              "distributed": {"engine": "ddp"}})
+    with pytest.raises(RecipeError, match="layerwise"):
+        check_compatibility(recipe)
