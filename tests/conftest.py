@@ -29,3 +29,26 @@ def tiny_recipe(output_dir, **sections) -> dict:
 @pytest.fixture
 def recipe_dict(tmp_path):
     return tiny_recipe(tmp_path / "run")
+
+
+def crash_and_resume(tmp_path, crash_after: int, **sections) -> tuple[list[float], list[float]]:
+    """Run a tiny recipe uninterrupted (in tmp_path/a) and again (in tmp_path/b) with a crash once
+    `crash_after` steps are done, then resume b from its latest checkpoint. Returns the uninterrupted
+    losses and the resumed run's losses."""
+    from memft.train.loop import Trainer, finetune
+    from memft.train.recipe import validate_recipe
+
+    full = finetune(validate_recipe(tiny_recipe(tmp_path / "a", **sections)))
+    crashing = Trainer(validate_recipe(tiny_recipe(tmp_path / "b", **sections)))
+    original = crashing.train_step
+
+    def power_cut(micro):
+        if crashing.step == crash_after:
+            raise SystemExit("power cut")
+        return original(micro)
+
+    crashing.train_step = power_cut
+    with pytest.raises(SystemExit):
+        crashing.run()
+    resumed = finetune(validate_recipe(tiny_recipe(tmp_path / "b", **sections)), resume=True)
+    return full.losses, resumed.losses

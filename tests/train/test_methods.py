@@ -4,31 +4,19 @@ import pytest
 
 from memft.errors import RecipeError
 from memft.train.builders import check_compatibility
-from memft.train.loop import Trainer, finetune
+from memft.train.loop import finetune
 from memft.train.recipe import validate_recipe
-from tests.conftest import tiny_recipe
+from tests.conftest import crash_and_resume, tiny_recipe
 
 MEZO = {"name": "mezo", "lr": 3e-3, "eps": 1e-2}
 LORA = {"name": "lora", "r": 4, "alpha": 8}
 
 
 def _crash_and_resume(tmp_path, **sections) -> tuple[list[float], list[float]]:
-    """Losses of an uninterrupted run and of the same run crashed after step 3 and resumed (steps 3..6)."""
+    """Steps 4..6 of an uninterrupted run and of the same run crashed after step 4, resumed from step 3."""
     train = {"max_steps": 6, "save_every": 3, **sections.pop("train", {})}
-    full = finetune(validate_recipe(tiny_recipe(tmp_path / "a", train=train, **sections)))
-    crashing = Trainer(validate_recipe(tiny_recipe(tmp_path / "b", train=train, **sections)))
-    original = crashing.train_step
-
-    def crash(micro):
-        if crashing.step == 4:
-            raise SystemExit("crash")
-        return original(micro)
-
-    crashing.train_step = crash
-    with pytest.raises(SystemExit):
-        crashing.run()
-    resumed = finetune(validate_recipe(tiny_recipe(tmp_path / "b", train=train, **sections)), resume=True)
-    return full.losses[3:], resumed.losses
+    full, resumed = crash_and_resume(tmp_path, 4, train=train, **sections)
+    return full[3:], resumed
 
 
 def test_mezo_lora_lowers_the_loss(tmp_path):
