@@ -177,11 +177,15 @@ class Trainer:
     def _loop_state(self) -> dict:
         return {"data": self.order.state_dict(), "tokens_seen": self.tokens_seen}
 
-    def save(self) -> Path:
+    def save(self) -> None:
+        """Checkpoint the current step. Under DDP every process holds the same weights and optimizer
+        state, so the main process alone writes (two writers would race on the rename)."""
         t = self.recipe.train
-        model = self.accelerator.unwrap_model(self.model)
-        return checkpoint.save_checkpoint(self.out / "checkpoints", self.step, model, self.optimizer,
-                                          self.scheduler, self._loop_state(), t.keep_checkpoints)
+        if self.accelerator.is_main_process:
+            model = self.accelerator.unwrap_model(self.model)
+            checkpoint.save_checkpoint(self.out / "checkpoints", self.step, model, self.optimizer,
+                                       self.scheduler, self._loop_state(), t.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
 
     def _resume(self, resume: str | bool) -> None:
         path = checkpoint.find_checkpoint(self.out, resume)
