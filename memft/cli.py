@@ -1,11 +1,12 @@
 """The `memft` command line.
 
-    memft finetune RECIPE [key=value ...] [--resume [CHECKPOINT]] [--overwrite]
+    memft finetune RECIPE [key=value ...] [--resume [CHECKPOINT]] [--overwrite] [--nproc N]
     memft validate RECIPE [key=value ...]
     memft memory RECIPE [key=value ...] [--config NAME] [--gpu NAME] [--measure] [--json] [--compare R ...]
     memft loram export RUN_DIR [--out DIR] [--no-merge]
     memft recipes                      list the shipped recipes
     memft schema [SECTION]             every recipe field with its default and help
+    memft support                      which methods each multi-process engine runs
 
 RECIPE is a YAML file or the name of a shipped recipe (`memft finetune quickstart`). Problems with the
 input exit with code 2 and one readable message.
@@ -51,10 +52,19 @@ def cmd_finetune(args) -> int:
     from memft.train.loop import finetune
     from memft.train.recipe import load_recipe
 
-    recipe = load_recipe(resolve_recipe(args.recipe), args.overrides)
+    overrides = list(args.overrides) + ([f"distributed.nproc_per_node={args.nproc}"] if args.nproc else [])
+    recipe = load_recipe(resolve_recipe(args.recipe), overrides)
+    if args.nproc and args.nproc > 1 and recipe.distributed.engine == "none":
+        raise RecipeError(f"--nproc {args.nproc} starts several processes, but distributed.engine is 'none'. Add "
+                          "distributed.engine=ddp (or fsdp, deepspeed).")
     if recipe.distributed.engine != "none" and "LOCAL_RANK" not in os.environ:
-        return _launch_processes(recipe.distributed.nproc_per_node)
+        from memft.train.builders import check_compatibility
+
+        check_compatibility(recipe)  # refuse before starting processes
+        return _launch_processes(recipe.distributed.nproc_per_node, args.argv)
     result = finetune(recipe, resume=args.resume if args.resume is not None else False, overwrite=args.overwrite)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # the main process reports
     if result.interrupted:
         print(f"Interrupted at step {result.steps}; checkpoint saved. Continue with: memft finetune "
               f"{args.recipe} {' '.join(args.overrides)} --resume".rstrip(), file=sys.stderr)
@@ -66,13 +76,18 @@ def cmd_finetune(args) -> int:
     return 0
 
 
-def _launch_processes(nproc: int) -> int:
+def _launch_processes(nproc: int, argv: list[str]) -> int:
     """Re-run this very command under torch.distributed.run with `nproc` processes on this machine."""
     import subprocess
 
+    import torch
+
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator, without probing for GPUs
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "memft.cli", *sys.argv[1:]]
-    return subprocess.call(command)
+               "-m", "memft.cli", *argv]
+    return subprocess.call(command, env=env)
 
 
 def cmd_validate(args) -> int:
@@ -157,6 +172,18 @@ def cmd_recipes(args) -> int:
     return 0
 
 
+def cmd_support(args) -> int:
+    from memft.train.support import ENGINES, REFUSED, matrix_markdown
+
+    print(matrix_markdown())
+    print("\nRefused combinations are stopped before anything is loaded, with the reason:")
+    for row, engines in REFUSED.items():
+        for engine in ENGINES:
+            if engine in engines:
+                print(f"  - {row} with {engine}: it {engines[engine]}.")
+    return 0
+
+
 def cmd_schema(args) -> int:
     from memft.train.schema_doc import describe_schema
 
@@ -174,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="continue from the latest checkpoint of train.output_dir, or from CHECKPOINT")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in train.output_dir")
+    p.add_argument("--nproc", type=int, metavar="N", help="processes to start on this machine (sets "
+                   "distributed.nproc_per_node; the recipe chooses distributed.engine)")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("validate", help="check a recipe without running it")
@@ -207,15 +236,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("recipes", help="list the shipped recipes")
     p.set_defaults(func=cmd_recipes)
 
+    p = sub.add_parser("support", help="print which methods each multi-process engine runs")
+    p.set_defaults(func=cmd_support)
+
     p = sub.add_parser("schema", help="print every recipe field with default and help")
     p.add_argument("section", nargs="?", help="only this section (e.g. optimizer)")
     p.set_defaults(func=cmd_schema)
+
+
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
+    args.argv = argv
     # Overrides may also follow flags (`finetune r.yaml --overwrite train.max_steps=5`).
     stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
     if stray:

@@ -19,6 +19,7 @@ import torch
 
 from memft.errors import RecipeError
 from memft.train.recipe import Recipe
+from memft.train.support import unsupported
 
 StepKind = Literal["backprop", "zeroth_order", "in_backward"]
 
@@ -117,14 +118,12 @@ def check_compatibility(recipe: Recipe) -> None:
     if getattr(recipe.optimizer, "layerwise", False) and recipe.train.mixed_precision == "fp16":
         problems.append("optimizer.layerwise steps inside backward, before fp16 gradient scaling could unscale "
                         "and check the gradients; use bfloat16 or float32")
-    if getattr(recipe.optimizer, "layerwise", False) and recipe.distributed.engine != "none":
-        problems.append("optimizer.layerwise updates each parameter inside backward, before DDP has reduced its "
-                        "gradient across processes; use layerwise false with distributed engines")
     if recipe.optimizer.name == "mezo" and recipe.train.mixed_precision == "fp16":
         problems.append("optimizer mezo runs no backward, so fp16 gradient scaling has nothing to scale; use "
                         "train.mixed_precision 'no' or 'bf16', or load the model in float16/bfloat16")
     if recipe.optimizer.name == "mezo" and recipe.model.gradient_checkpointing:
         problems.append("optimizer mezo runs no backward: model.gradient_checkpointing would only slow it down")
+    problems += unsupported(recipe)
     if problems:
         raise RecipeError("The recipe combines settings that cannot work together:\n"
                           + "\n".join(f"  - {p}." for p in problems))

@@ -4,8 +4,11 @@ A checkpoint is a directory `checkpoints/step-NNNNNNN/`:
     trainable.safetensors   trainable parameters (all weights for full fine-tuning, the adapter for LoRA)
     optimizer.pt            optimizer.state_dict()          (torch.load(weights_only=True))
     scheduler.pt            scheduler.state_dict()
-    rng.pt                  torch / CUDA / Python / NumPy generator states as tensors
-    state.json              step, data position, tokens seen
+    rng.pt                  torch / CUDA / Python / NumPy generator states as tensors (rng-rank{r}.pt
+                            for the other processes)
+    state.json              step, data position, tokens seen, engine and process count
+Engines that shard write their own share instead of the first two (memft.train.distributed): FSDP a
+torch.distributed.checkpoint directory `sharded/`, DeepSpeed `optimizer-rank{r}.pt` per process.
 It is written under a temporary name and renamed into place, then `checkpoints/latest` is replaced
 atomically; a crash mid-write leaves the previous checkpoint intact.
 """
@@ -125,27 +128,56 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
-    ckpt_root.mkdir(parents=True, exist_ok=True)
+def save_trainable(model: torch.nn.Module, directory: Path) -> None:
+    save_file(trainable_state(model), directory / "trainable.safetensors")
+
+
+def load_trainable(model: torch.nn.Module, directory: Path) -> None:
+    weights = load_file(directory / "trainable.safetensors")
+    params = dict(model.named_parameters())
+    missing = [n for n in weights if n not in params]
+    if missing:
+        raise RunError(f"--resume: checkpoint '{directory}' has parameters this model lacks ({missing[0]}, ...): "
+                       "the recipe's model or adapter differs from the checkpoint's.")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+
+
+def _rng_file(rank: int) -> str:
+    return "rng.pt" if rank == 0 else f"rng-rank{rank}.pt"
+
+
+def save_checkpoint(ckpt_root: Path, step: int, engine, model, optimizer, scheduler, state: dict, keep: int,
+                    processes) -> Path:
+    """Write checkpoint `step` with every process (each writes its share through `engine.save_state`);
+    the main process then renames it into place and updates `latest`."""
     final = ckpt_root / f"step-{step:07d}"
-    tmp = ckpt_root / f".tmp-step-{step:07d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(trainable_state(model), tmp / "trainable.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
-    for f in tmp.iterdir():
-        with open(f, "rb") as handle:
-            os.fsync(handle.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _atomic_write_text(ckpt_root / "latest", final.name)
-    for old in sorted(ckpt_root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old)
+    tmp = ckpt_root / f".tmp-step-{step:07d}"
+    if processes.is_main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    processes.barrier()
+    engine.save_state(tmp, model, optimizer, processes)
+    torch.save(rng_state(), tmp / _rng_file(processes.rank))
+    processes.barrier()
+    if processes.is_main:
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "processes": processes.world,
+                                                    "engine": engine.name}, indent=2))
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as handle:
+                    os.fsync(handle.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _atomic_write_text(ckpt_root / "latest", final.name)
+        for old in sorted(ckpt_root.glob("step-*"))[:-keep]:
+            shutil.rmtree(old)
+    processes.barrier()
     return final
 
 
@@ -164,18 +196,16 @@ def find_checkpoint(output_dir: Path, resume: str | bool) -> Path:
     return path
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore model, optimizer, scheduler and RNG in place; return the saved loop state."""
-    weights = load_file(path / "trainable.safetensors")
-    params = dict(model.named_parameters())
-    missing = [n for n in weights if n not in params]
-    if missing:
-        raise RunError(f"--resume: checkpoint '{path}' has parameters this model lacks ({missing[0]}, ...): the "
-                       "recipe's model or adapter differs from the checkpoint's.")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+def load_checkpoint(path: Path, engine, model, optimizer, scheduler, processes) -> dict:
+    """Restore model, optimizer, scheduler and RNG in place on every process; return the loop state."""
+    state = json.loads((path / "state.json").read_text())
+    saved_engine = state.get("engine", "none")
+    if {saved_engine, engine.name} - {"none", "ddp"}:  # none and ddp checkpoints are the same files
+        if saved_engine != engine.name:
+            raise RunError(f"--resume: checkpoint '{path}' was written by engine '{saved_engine}', but the recipe "
+                           f"runs engine '{engine.name}'. Resume with distributed.engine={saved_engine}.")
+    engine.load_state(path, model, optimizer, processes)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-    return json.loads((path / "state.json").read_text())
+    rng = path / _rng_file(processes.rank)
+    set_rng_state(torch.load(rng if rng.is_file() else path / "rng.pt", weights_only=True))
+    return state

@@ -22,6 +22,7 @@ import torch
 
 from memft.errors import RunError
 from memft.train import builders, checkpoint
+from memft.train.distributed import current_processes, engine_for
 from memft.train.data import BatchOrder, Splits, build_splits, collate
 from memft.train.models import load_model, load_tokenizer, max_positions
 from memft.train.progress import Progress
@@ -43,12 +44,6 @@ def count_items(micro_batches: list[dict]) -> int:
     return int(sum((b["labels"][:, 1:] != -100).sum() for b in micro_batches))
 
 
-def _sum_over_processes(accelerator, value: float) -> float:
-    if accelerator.num_processes == 1:
-        return value
-    return float(accelerator.reduce(torch.tensor(value, dtype=torch.float64, device=accelerator.device), "sum"))
-
-
 def micro_batch_loss(model, batch: dict, num_items: int) -> torch.Tensor:
     """Token-loss sum of this micro-batch divided by `num_items` (the whole step's trainable tokens)."""
     return model(**batch, num_items_in_batch=num_items).loss
@@ -62,8 +57,6 @@ class Trainer:
     """
 
     def __init__(self, recipe: Recipe, resume: str | bool = False, overwrite: bool = False):
-        from accelerate import Accelerator
-
         builders.check_compatibility(recipe)
         _quiet_libraries()
         self.recipe = recipe
@@ -72,9 +65,12 @@ class Trainer:
         self.resume = resume
         # cpu=True also makes accelerate join a torchrun process group over gloo on CUDA-less machines.
         on_cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())
-        self.accelerator = Accelerator(cpu=on_cpu, mixed_precision=t.mixed_precision)
-        if self.accelerator.is_main_process:
+        self.engine = engine_for(recipe)
+        self.accelerator = self.engine.accelerator(on_cpu)
+        self.processes = procs = current_processes()
+        if procs.is_main:
             checkpoint.prepare_output_dir(self.out, recipe.model_dump(mode="json"), bool(resume), overwrite)
+        procs.barrier()
         torch.manual_seed(t.seed)
         self.tokenizer = load_tokenizer(recipe.model)
         model = load_model(recipe.model)
@@ -84,17 +80,19 @@ class Trainer:
                            f"positions. Set data.max_seq_len to at most {limit}.")
         self.splits: Splits = build_splits(recipe.data, self.tokenizer, t.seed)
         self.prepared = builders.prepare_model(model, recipe, self._calibration_batches())
-        self.plan = builders.build_optimizer(self.prepared.model, recipe)
-        self.scheduler = builders.build_scheduler(self.plan.optimizer, recipe)
-        if self.plan.step_kind == "backprop":
-            self.model, self.optimizer = self.accelerator.prepare(self.prepared.model, self.plan.optimizer)
-        else:
-            self.model, self.optimizer = self.accelerator.prepare(self.prepared.model), self.plan.optimizer
-        acc = self.accelerator
-        self.order = BatchOrder(len(self.splits.train), t.batch_size, t.seed, acc.process_index,
-                                acc.num_processes)
+        built: dict = {}
+
+        def build_plan(model):
+            plan = builders.build_optimizer(model, recipe)
+            built["optimizer"], built["scheduler"] = plan.optimizer, builders.build_scheduler(plan.optimizer, recipe)
+            return plan
+
+        self.model, self.plan = self.engine.prepare(self.accelerator, self.prepared.model, build_plan)
+        self.optimizer, self.scheduler = self.plan.optimizer, built["scheduler"]
+        self.order = BatchOrder(len(self.splits.train), t.batch_size, t.seed, procs.rank, procs.world)
         self.step, self.tokens_seen, self._stop_requested = 0, 0, False
-        self.memory = _RunMemory(recipe, acc.unwrap_model(self.model), self.plan.optimizer, acc.device)
+        self.memory = _RunMemory(recipe, self.engine.unwrap(self.model), built["optimizer"], self.accelerator.device,
+                                 procs.rank)
 
     def _calibration_batches(self) -> list[dict]:
         """The first training batches in data order, for methods that score the model on data."""
@@ -111,17 +109,16 @@ class Trainer:
 
     def train_step(self, micro: list[dict]) -> float:
         """One optimizer step over `micro`; returns the step's mean token loss."""
-        acc, model, opt = self.accelerator, self.model, self.optimizer
+        acc, model, opt, procs, engine = self.accelerator, self.model, self.optimizer, self.processes, self.engine
         micro = [{k: v.to(acc.device) for k, v in b.items()} for b in micro]
-        # Normalise by the trainable tokens of the whole step on all processes; DDP averages gradients
-        # over processes, so each process scales its share by the process count.
-        n_items = int(_sum_over_processes(acc, count_items(micro)))
-        world = acc.num_processes
+        # Normalise by the trainable tokens of the whole step on all processes; the engines average
+        # gradients over processes, so each process scales its share by the process count (Engine.backward).
+        n_items = int(procs.sum(count_items(micro)))
         if self.plan.step_kind == "zeroth_order":
             def closure() -> float:
                 with torch.no_grad():
                     local = float(sum(micro_batch_loss(model, b, n_items) for b in micro))
-                return _sum_over_processes(acc, local)
+                return procs.sum(local)
             # Forward-only steps run in eval mode (no dropout) unless the recipe asks otherwise, so that
             # both perturbed passes see the same function.
             model.train(getattr(self.recipe.optimizer, "dropout", False))
@@ -132,23 +129,23 @@ class Trainer:
             for i, batch in enumerate(micro):
                 if self.plan.step_kind == "in_backward":
                     opt.set_micro_batch(i, len(micro))
-                sync = acc.no_sync(model) if i < len(micro) - 1 and acc.num_processes > 1 else nullcontext()
-                with sync:
+                with engine.micro_batch(acc, model, i == len(micro) - 1, procs):
                     loss = micro_batch_loss(model, batch, n_items)
-                    acc.backward(loss * world)
+                    engine.backward(acc, model, loss, procs)
                 total += loss.detach().float().item()
-            loss = _sum_over_processes(acc, total)
-            if self.plan.step_kind == "backprop" and self.recipe.train.max_grad_norm is not None:
-                acc.clip_grad_norm_(model.parameters(), self.recipe.train.max_grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            loss = procs.sum(total)
+            if self.plan.step_kind == "backprop":
+                engine.step(acc, model, opt, self.recipe.train.max_grad_norm)
+            else:  # in_backward: parameters stepped (and clipped) inside backward; this finishes the step
+                opt.step()
+                opt.zero_grad(set_to_none=True)
         if not math.isfinite(loss):
             raise RunError(f"The loss became {loss} at step {self.step + 1}; training stopped. The last good "
                            f"checkpoint in '{self.out / 'checkpoints'}' is kept. Lower optimizer.lr, enable "
                            "train.max_grad_norm, or use bfloat16/float32.")
         if not getattr(opt, "step_was_skipped", False):
             self.scheduler.step()
-        self.tokens_seen += int(_sum_over_processes(acc, float(sum(b["attention_mask"].sum() for b in micro))))
+        self.tokens_seen += int(procs.sum(float(sum(b["attention_mask"].sum() for b in micro))))
         return loss
 
     @torch.no_grad()
@@ -158,9 +155,9 @@ class Trainer:
         if not self.splits.eval:
             return {}
         self.model.eval()
-        t, acc, pad = self.recipe.train, self.accelerator, self.tokenizer.pad_token_id
-        limit = len(self.splits.eval) if t.eval_batches is None else t.eval_batches * t.batch_size * acc.num_processes
-        mine = self.splits.eval[:limit][acc.process_index:: acc.num_processes]
+        t, acc, pad, procs = self.recipe.train, self.accelerator, self.tokenizer.pad_token_id, self.processes
+        limit = len(self.splits.eval) if t.eval_batches is None else t.eval_batches * t.batch_size * procs.world
+        mine = self.splits.eval[:limit][procs.rank:: procs.world]
         total, count = 0.0, 0
         for start in range(0, len(mine), t.batch_size):
             batch = {k: v.to(acc.device) for k, v in collate(mine[start: start + t.batch_size], pad).items()}
@@ -169,7 +166,7 @@ class Trainer:
                 total += micro_batch_loss(self.model, batch, n).float().item() * n
                 count += n
         self.model.train()
-        total, count = _sum_over_processes(acc, total), int(_sum_over_processes(acc, count))
+        total, count = procs.sum(total), int(procs.sum(count))
         loss = total / max(count, 1)
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}
 
@@ -178,35 +175,31 @@ class Trainer:
         return {"data": self.order.state_dict(), "tokens_seen": self.tokens_seen}
 
     def save(self) -> None:
-        """Checkpoint the current step. Under DDP every process holds the same weights and optimizer
-        state, so the main process alone writes (two writers would race on the rename)."""
-        t = self.recipe.train
-        if self.accelerator.is_main_process:
-            model = self.accelerator.unwrap_model(self.model)
-            checkpoint.save_checkpoint(self.out / "checkpoints", self.step, model, self.optimizer,
-                                       self.scheduler, self._loop_state(), t.keep_checkpoints)
-        self.accelerator.wait_for_everyone()
+        """Checkpoint the current step; every process writes its share (memft.train.distributed)."""
+        checkpoint.save_checkpoint(self.out / "checkpoints", self.step, self.engine, self.model, self.optimizer,
+                                   self.scheduler, self._loop_state(), self.recipe.train.keep_checkpoints,
+                                   self.processes)
 
     def _resume(self, resume: str | bool) -> None:
         path = checkpoint.find_checkpoint(self.out, resume)
-        state = checkpoint.load_checkpoint(path, self.accelerator.unwrap_model(self.model), self.optimizer,
-                                           self.scheduler)
+        state = checkpoint.load_checkpoint(path, self.engine, self.model, self.optimizer, self.scheduler,
+                                           self.processes)
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.order.load_state_dict(state["data"])
 
     def run(self) -> RunResult:
         t = self.recipe.train
-        if self.accelerator.is_main_process:
+        if self.processes.is_main:
             checkpoint.write_run_file(self.out, self.recipe.model_dump(mode="json"))
-        self.accelerator.wait_for_everyone()
+        self.processes.barrier()
         if self.resume:
             self._resume(self.resume)
         result = RunResult(self.out, self.step)
-        metrics = open(self.out / "metrics.jsonl", "a") if self.accelerator.is_main_process else None
+        metrics = open(self.out / "metrics.jsonl", "a") if self.processes.is_main else None
         previous_handler = signal.signal(signal.SIGINT, self._request_stop)
         self.model.train()
         try:
-            with Progress(t.max_steps, self.step, enabled=self.accelerator.is_main_process) as progress:
+            with Progress(t.max_steps, self.step, enabled=self.processes.is_main) as progress:
                 interval_start, interval_tokens = time.perf_counter(), self.tokens_seen
                 while self.step < t.max_steps and not self._stop_requested:
                     micro = self._next_micro_batches()
@@ -228,8 +221,7 @@ class Trainer:
                         self.save()
             result.interrupted = self._stop_requested
             result.peak_bytes = self.memory.run_peak_bytes()
-            if self.accelerator.is_main_process:
-                self.memory.write_report(self.out)
+            self.memory.write_report(self.out)
             self.save()
             if not result.interrupted:
                 result.eval = self.evaluate()
@@ -254,13 +246,16 @@ class Trainer:
 
     def _save_final(self) -> None:
         """`final/`: a directory `from_pretrained` (or `PeftModel.from_pretrained`) loads."""
-        if not self.accelerator.is_main_process:
+        full_state = self.engine.full_state_dict(self.model)  # collective for sharding engines
+        if not self.processes.is_main:
             return
-        model = self.accelerator.unwrap_model(self.model)
+        model = self.engine.unwrap(self.model)
         for undo in reversed(self.prepared.undo):
             undo()
         if self.prepared.save_final is not None:
             self.prepared.save_final(model, str(self.out / "final"))
+        elif full_state is not None:
+            model.save_pretrained(self.out / "final", state_dict=full_state, safe_serialization=True)
         else:
             model.save_pretrained(self.out / "final", safe_serialization=True)
         self.tokenizer.save_pretrained(self.out / "final")
@@ -270,10 +265,10 @@ class _RunMemory:
     """Peak memory of every run: exact tensor-storage accounting by category (memft.memory.MemoryTracker)
     over the first `memory.track_steps` steps, and the CUDA allocator's peaks on GPUs for every step."""
 
-    def __init__(self, recipe: Recipe, model, optimizer, device: torch.device):
+    def __init__(self, recipe: Recipe, model, optimizer, device: torch.device, rank: int = 0):
         from memft.memory import MemoryTracker
 
-        self.recipe, self.device = recipe, device
+        self.recipe, self.device, self.rank = recipe, device, rank
         self.tracker = MemoryTracker(model=model, optimizer=optimizer) if recipe.memory.track_steps else None
         self.steps_left = recipe.memory.track_steps
         if device.type == "cuda":
@@ -315,7 +310,8 @@ class _RunMemory:
         return record
 
     def write_report(self, out: Path) -> None:
-        """memory.json, memory.md and memory.png for the tracked steps of the run."""
+        """memory.json, memory.md and memory.png for the tracked steps of this process (the main process;
+        process r writes memory-rank{r}.*)."""
         if self.tracker is None or not self.recipe.memory.report:
             return
         t = self.recipe.train
@@ -328,7 +324,9 @@ class _RunMemory:
         budget = self.recipe.memory.budget_gib
         if budget is not None and report.peak_bytes > budget * 2**30:
             report.notes.append(f"The peak exceeds memory.budget_gib={budget}.")
-        report.save(out, stem="memory")
+        if self.rank:
+            report.meta["process"] = self.rank
+        report.save(out, stem="memory" if self.rank == 0 else f"memory-rank{self.rank}")
 
 
 def _quiet_libraries() -> None:

@@ -264,11 +264,40 @@ class TrainSection(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' uses CUDA when available.")
 
 
+class FSDPOptions(Section):
+    reshard_after_forward: bool = Field(True, description="Free each layer's gathered parameters after its "
+                                        "forward and gather them again in backward (ZeRO-3-like, least "
+                                        "memory); false keeps them until backward (ZeRO-2-like, less traffic).")
+    cpu_offload: bool = Field(False, description="Keep sharded parameters, gradients and optimizer state in CPU "
+                              "memory (torch CPUOffloadPolicy); the optimizer steps on the CPU.")
+
+
+class DeepSpeedOptions(Section):
+    stage: Literal[1, 2] = Field(2, description="ZeRO stage: 1 shards optimizer state, 2 also gradients. For "
+                                 "sharded parameters use engine fsdp.")
+    offload_optimizer: Literal["none", "cpu"] = Field("none", description="'cpu': optimizer state and step in "
+                                                      "CPU memory (ZeRO-Offload).")
+
+
 class DistributedSection(Section):
-    engine: Literal["none", "ddp"] = Field("none", description="'none': one process; 'ddp': torch "
-                                           "DistributedDataParallel through accelerate (gloo on CPU, NCCL on GPU).")
-    nproc_per_node: int = Field(2, ge=1, description="Processes `memft finetune` starts for engine ddp (through "
+    engine: Literal["none", "ddp", "fsdp", "deepspeed"] = Field(
+        "none", description="'none': one process; 'ddp': torch DistributedDataParallel; 'fsdp': torch FSDP2 "
+        "(`fully_shard` on every decoder layer and the root); 'deepspeed': DeepSpeed ZeRO-1/2 through accelerate "
+        "(needs the `deepspeed` extra). Gloo on CPU, NCCL on GPUs. `memft support` prints which methods each "
+        "engine runs.")
+    nproc_per_node: int = Field(2, ge=1, description="Processes `memft finetune` starts on this machine (through "
                                 "torch.distributed.run); ignored when already launched by torchrun.")
+    fsdp: FSDPOptions = Field(default_factory=FSDPOptions, description="Options for engine fsdp.")
+    deepspeed: DeepSpeedOptions = Field(default_factory=DeepSpeedOptions, description="Options for engine "
+                                        "deepspeed.")
+
+    @model_validator(mode="after")
+    def _options_match_engine(self) -> "DistributedSection":
+        for engine in ("fsdp", "deepspeed"):
+            if engine in self.model_fields_set and self.engine != engine:
+                raise ValueError(f"distributed.{engine} options apply to engine '{engine}' only, but engine is "
+                                 f"'{self.engine}'; set distributed.engine={engine} or remove distributed.{engine}")
+        return self
 
 
 class MemorySection(Section):
