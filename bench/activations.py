@@ -10,8 +10,9 @@ Measured side by side in one process, uncompressed against compressed, same mode
 
 Mesa: ViT-Base/16 (224 px, the DeiT-B shape) and BERT-base (seq 128), baseline bf16 and fp32. WTA-CRS: T5-Base
 (ReLU, dropout 0.1, eager attention), source and target length 128, batch 64 at the paper setting, full
-fine-tuning and LoRA (r=8 on q and v), ratio 0.3, alone and with Mesa for the tensors outside Linear layers.
-S2A: the nonlinearities' saved tensors of BERT-base (GELU) and a Llama-style model (SiLU) in bf16.
+fine-tuning and LoRA (r=8 on q and v), ratio 0.3: Linear layers only, the reference deployment's layers (q/k/v
+exact), the default (Linear layers and attention matmuls sampled), and with Mesa for what is not sampled.
+Dropout that memft leaves to autograd is counted as CUDA stores it (a bool mask, not ATen's CPU float mask). S2A: the nonlinearities' saved tensors of BERT-base (GELU) and a Llama-style model (SiLU) in bf16.
 
 Run: ``python bench/activations.py`` (CPU at batch 1, writes ``bench/results/activations.md``); ``--quick`` for
 a smoke run on tiny configs; ``--device cuda --output PATH`` measures the paper settings on a GPU with
@@ -30,6 +31,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from memft.activations import compress_activations
 from memft.activations.patch import classify
@@ -38,14 +40,34 @@ GIB = 1 << 30
 MIB = 1 << 20
 RESULTS = Path(__file__).parent / "results" / "activations.md"
 T5_BATCH, T5_SOURCE, T5_TARGET = 64, 128, 128
+QKV = (".q", ".k", ".v")  # T5 attention projections (names end in .q/.k/.v; .q.lora_A... under LoRA)
 DEIT_BATCH = 128
 
 
 # --- measurement ---------------------------------------------------------------------------------------------
 
 
+class CudaDropout(TorchFunctionMode):
+    """Route ``F.dropout`` (training, out of place) to ``torch.native_dropout``, which saves a bool keep mask as
+    CUDA's fused dropout does; ATen's CPU path saves a float mask (4x the bytes). Outputs are not compared."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.dropout:
+            x = args[0]
+            p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
+            training = kwargs.get("training", args[2] if len(args) > 2 else True)
+            inplace = kwargs.get("inplace", args[3] if len(args) > 3 else False)
+            if training and not inplace and 0.0 < p < 1.0 and x.requires_grad:
+                return torch.native_dropout(x, p, True)[0]
+        return func(*args, **kwargs)
+
+
 def saved_by_kind(model: nn.Module, step: Callable[[], torch.Tensor]) -> dict[str, int]:
-    """Saved-for-backward bytes per module kind during ``step()`` (its loss is back-propagated afterwards)."""
+    """Saved-for-backward bytes per module kind during ``step()`` (its loss is back-propagated afterwards).
+
+    Dropout that memft leaves to autograd is counted as CUDA stores it (a bool mask, :class:`CudaDropout`).
+    """
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: set[int] = set()
     totals: dict[str, int] = defaultdict(int)
@@ -79,7 +101,7 @@ def saved_by_kind(model: nn.Module, step: Callable[[], torch.Tensor]) -> dict[st
         if kind is not None:
             handles += [module.register_forward_pre_hook(enter(kind)), module.register_forward_hook(leave)]
     try:
-        with torch.autograd.graph.saved_tensors_hooks(packer("other"), lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(packer("other"), lambda t: t), CudaDropout():
             loss = step()
         loss.backward()
     finally:
@@ -96,7 +118,9 @@ def tracked_step_peak(model: nn.Module, step: Callable[[], torch.Tensor]) -> tup
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
     with MemoryTracker(model, optimizer) as tracker:
-        step().backward()
+        with CudaDropout():
+            loss = step()
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return tracker.peak_bytes, tracker.peak_breakdown
@@ -233,8 +257,9 @@ def fmt(nbytes: float, unit: int = MIB) -> str:
 
 def mesa_section(quick: bool, out: list[str]) -> None:
     out += ["## Mesa (8-bit activations)", "",
-            "Saved-for-backward bytes of one sample (batch 1), CPU. Paper: DeiT-B, batch 128, AMP: "
-            "17.7 GB -> 8.6 GB total GPU memory (-51%) at equal accuracy.", "",
+            "Saved-for-backward bytes of one sample (batch 1), CPU; dropout left to autograd counted as CUDA "
+            "stores it (bool mask). Paper: DeiT-B, batch 128, AMP: 17.7 GB -> 8.6 GB total GPU memory (-51%) at "
+            "equal accuracy.", "",
             "| model | dtype | baseline MiB | Mesa MiB | Mesa / baseline | Mesa / bf16 baseline "
             "| at batch 128: baseline GiB | Mesa GiB |",
             "|---|---|---|---|---|---|---|---|"]
@@ -258,6 +283,9 @@ def mesa_section(quick: bool, out: list[str]) -> None:
 
 T5_CONFIGS = (
     ("full fine-tuning", False, None, {}),
+    ("WTA-CRS 0.3, Linear layers only", False, "wta_crs", {"ratio": 0.3, "sample_attention": False,
+                                                          "targets": ("linear", "activation", "dropout", "attention")}),
+    ("WTA-CRS 0.3, paper's layers (q/k/v exact)", False, "wta_crs", {"ratio": 0.3, "exclude": QKV}),
     ("WTA-CRS 0.3", False, "wta_crs", {"ratio": 0.3}),
     ("WTA-CRS 0.3 + Mesa rest", False, "wta_crs", {"ratio": 0.3, "others": "mesa"}),
     ("LoRA", True, None, {}),
@@ -267,11 +295,16 @@ T5_CONFIGS = (
 
 
 def wta_section(quick: bool, out: list[str], track: bool) -> None:
-    out += ["## WTA-CRS (sampled Linear inputs)", "",
-            f"T5-Base, fp32, source/target length {T5_SOURCE}/{T5_TARGET}, one sample on CPU; the paper setting "
-            f"(batch {T5_BATCH}) is computed as parameters + gradients + AdamW state + {T5_BATCH} x saved bytes "
-            "per sample. Paper: full 17.66 GB -> 8.44 GB at ratio 0.3 (2.1x), 2.7x with LoRA. CPU dropout keeps "
-            "float masks (CUDA keeps bool masks), so the CPU baseline's dropout column is 4x what a GPU stores.", "",
+    out += ["## WTA-CRS (sampled Linear inputs and attention matmul operands)", "",
+            f"T5-Base (ReLU, dropout 0.1, eager attention), fp32, source/target length {T5_SOURCE}/{T5_TARGET}, one "
+            f"sample on CPU; the paper setting (batch {T5_BATCH}) is computed as parameters + gradients + AdamW "
+            f"state + {T5_BATCH} x saved bytes per sample. Paper: full 17.66 GB -> 8.44 GB at ratio 0.3 (2.1x), "
+            "2.7x with LoRA. Dropout left to autograd is counted as CUDA stores it (bool mask; ATen's CPU path "
+            "keeps a float mask, 4x). Rows: 'Linear layers only' samples every trainable Linear but the LM head "
+            "and keeps norms and attention as autograd does (dropout/ReLU masks 1-bit); 'paper's layers' is the "
+            "reference deployment's memory setting (o, wi, wo and both attention matmuls sampled, q/k/v exact, "
+            "norms keeping one tensor, 1-bit ReLU/dropout masks); 'WTA-CRS 0.3' (the default) also samples q/k/v. "
+            "The softmax output stays exact (fp32) in all WTA-CRS rows but the Mesa ones.", "",
             "| configuration | linear | activation | norm | dropout | attention | other | saved MiB/sample | "
             f"batch {T5_BATCH} peak GiB (computed) | full / this | tracked step peak MiB (batch 1) |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]

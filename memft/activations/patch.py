@@ -271,15 +271,21 @@ def dropout_forward(site: Site) -> Callable:
 class _AttentionOps(TorchFunctionMode):
     """Routes softmax, batched matmul and dropout calls inside one attention forward to compressed Functions."""
 
-    def __init__(self, site: Site, softmax_codec: Any, matmul_codec: Any, pack_dropout: bool) -> None:
+    def __init__(
+        self, site: Site, softmax_codec: Any, matmul_codec: Any, pack_dropout: bool, matmul_sampler: Any = None
+    ) -> None:
         super().__init__()
         self.site, self.softmax_codec, self.matmul_codec = site, softmax_codec, matmul_codec
-        self.pack_dropout = pack_dropout
+        self.pack_dropout, self.matmul_sampler = pack_dropout, matmul_sampler
         self.count = 0
 
-    def _tracker(self, label: str, codec: Any) -> Any:
+    def tracker(self, label: str, factory: Callable[[], Any]) -> Any:
+        """The state of the next saving op of this attention forward (keys are stable across steps)."""
         self.count += 1
-        return self.site.tracker(f".{label}{self.count}", codec.make_tracker)
+        return self.site.tracker(f".{label}{self.count}", factory)
+
+    def _tracker(self, label: str, codec: Any) -> Any:
+        return self.tracker(label, codec.make_tracker)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
@@ -297,7 +303,8 @@ class _AttentionOps(TorchFunctionMode):
                 inplace = kwargs.get("inplace", args[3] if len(args) > 3 else False)
                 if isinstance(x, torch.Tensor) and x.requires_grad and training and not inplace and 0.0 < p < 1.0:
                     return DropoutMask.apply(x, float(p))
-            if func in _MATMUL_FUNCS and self.matmul_codec is not None and len(args) >= 2 and not kwargs:
+            sampled = self.matmul_sampler is not None
+            if func in _MATMUL_FUNCS and (sampled or self.matmul_codec is not None) and len(args) >= 2 and not kwargs:
                 a, b = args[0], args[1]
                 if (
                     isinstance(a, torch.Tensor)
@@ -308,21 +315,33 @@ class _AttentionOps(TorchFunctionMode):
                     and not isinstance(a, nn.Parameter)
                     and not isinstance(b, nn.Parameter)
                 ):
+                    if sampled:
+                        out = self.matmul_sampler(self, a, b, func)
+                        if out is not None:
+                            return out
+                    if self.matmul_codec is None:
+                        return func(*args)
                     ta = self._tracker("matmul_a", self.matmul_codec)
                     tb = self._tracker("matmul_b", self.matmul_codec)
                     return CompressedMatmul.apply(a, b, func, self.matmul_codec, ta, tb)
         return func(*args, **kwargs)
 
 
-def attention_forward(site: Site, softmax_codec: Any, matmul_codec: Any, pack_dropout: bool) -> Callable:
-    """Attention forward run under :class:`_AttentionOps` when gradients are recorded."""
+def attention_forward(
+    site: Site, softmax_codec: Any, matmul_codec: Any, pack_dropout: bool, matmul_sampler: Any = None
+) -> Callable:
+    """Attention forward run under :class:`_AttentionOps` when gradients are recorded.
+
+    ``matmul_sampler(ops, a, b, func)``, if given, handles batched matmuls first (returning None declines: the
+    matmul then goes to ``matmul_codec``, or to autograd if there is none).
+    """
     original = site.original
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         _refuse_compiling()
         if not torch.is_grad_enabled():
             return original(*args, **kwargs)
-        with _AttentionOps(site, softmax_codec, matmul_codec, pack_dropout):
+        with _AttentionOps(site, softmax_codec, matmul_codec, pack_dropout, matmul_sampler):
             return original(*args, **kwargs)
 
     return forward

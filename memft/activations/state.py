@@ -130,37 +130,43 @@ class RangeTracker(_Tracker):
 
 
 class GradNormTracker(_Tracker):
-    """Per-position EMA of output-gradient row norms ``||dL/dy_i||`` of a Linear layer (WTA-CRS, arXiv 2305.15265).
+    """Per-position EMA of output-gradient norms (WTA-CRS, arXiv 2305.15265), averaged over the batch.
 
-    Rows of a ``(B, N, C)`` input are indexed by position ``0..N-1``; the estimate for a row is the EMA at its
-    position (positions beyond the tracked length get the mean). ``estimate`` is None until a backward has run.
+    For a Linear layer on a ``(B, N, C)`` input the EMA has shape ``(N,)``: the gradient-row norms ``||dL/dy_i||``
+    by position. For an attention matmul it has shape ``(*lead, N)`` (e.g. ``(H, N)`` per head), the norms of the
+    output-gradient rows or columns along the sampled dimension. A row's estimate is the EMA at its position
+    (positions beyond the tracked length get the mean). ``estimate`` is None until a backward has run.
     """
 
     def __init__(self, momentum: float = 0.9) -> None:
         super().__init__(momentum)
         self.ema: torch.Tensor | None = None
 
-    def estimate(self, batch: int, positions: int, device: torch.device) -> torch.Tensor | None:
-        """Estimated gradient norm of each of the ``batch * positions`` rows (float32), or None."""
-        if self.ema is None or self.ema.device != device:
+    def estimate(
+        self, batch: int, positions: int, device: torch.device, lead: tuple[int, ...] = ()
+    ) -> torch.Tensor | None:
+        """Estimated gradient norms, float32 of shape ``(batch, *lead, positions)``, or None."""
+        ema = self.ema
+        if ema is None or ema.device != device or tuple(ema.shape[:-1]) != tuple(lead):
             return None
-        tracked = self.ema.shape[0]
+        tracked = ema.shape[-1]
         if tracked >= positions:
-            per_position = self.ema[:positions]
+            per_position = ema[..., :positions]
         else:
-            fill = self.ema.mean().expand(positions - tracked)
-            per_position = torch.cat([self.ema, fill])
-        return per_position.repeat(batch)
+            fill = ema.mean(-1, keepdim=True).expand(*lead, positions - tracked)
+            per_position = torch.cat([ema, fill], -1)
+        return per_position.unsqueeze(0).expand(batch, *per_position.shape)
 
     def _apply(self, obs: torch.Tensor) -> None:
-        if self.ema is None or self.ema.device != obs.device:
+        ema = self.ema
+        if ema is None or ema.device != obs.device or ema.shape[:-1] != obs.shape[:-1]:
             self.ema = obs.clone()
             return
         m = self.momentum
-        n = min(self.ema.shape[0], obs.shape[0])
-        head = m * self.ema[:n] + (1 - m) * obs[:n]
-        tail = self.ema[n:] if self.ema.shape[0] > n else obs[n:]
-        self.ema = torch.cat([head, tail])
+        n = min(ema.shape[-1], obs.shape[-1])
+        head = m * ema[..., :n] + (1 - m) * obs[..., :n]
+        tail = ema[..., n:] if ema.shape[-1] > n else obs[..., n:]
+        self.ema = torch.cat([head, tail], -1)
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"updates": torch.tensor(self.updates)}

@@ -168,9 +168,14 @@ class MesaSection(Section):
 
 
 class WTACRSSection(Section):
-    name: Literal["wta_crs"] = Field(..., description="WTA-CRS (arXiv 2305.15265): Linear weight gradients from "
-                                     "k = ratio x rows sampled winner-take-all; unbiased, only sampled rows stored.")
+    name: Literal["wta_crs"] = Field(..., description="WTA-CRS (arXiv 2305.15265): Linear weight gradients (and, "
+                                     "with sample_attention, eager attention's two matmuls) estimated from k = ratio "
+                                     "x rows sampled winner-take-all; unbiased, only sampled rows stored.")
     ratio: float = Field(0.3, gt=0, le=1, description="Fraction of rows kept (paper: 0.3).")
+    sample_attention: bool = Field(True, description="Also sample the summed dimension of QK^T and AV per batch "
+                                   "and head, as the paper's memory setting does (needs model.attn_implementation "
+                                   "eager; SDPA saves no attention matrix).")
+    min_rows: int = Field(10, ge=1, description="Never keep fewer rows than this (the reference's minimal_k).")
     others: Literal["none", "mesa", "s2a"] = Field("none", description="Compressor for the tensors WTA-CRS does "
                                                    "not sample (nonlinearities, norms, attention).")
 

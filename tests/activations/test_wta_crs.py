@@ -28,7 +28,7 @@ def _case(kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     elif kind == "zero_cached_norms":
         tracker = GradNormTracker()
         tracker.ema = torch.zeros(n)  # e.g. an estimate gathered while the loss was masked out
-        p = row_probabilities(x.norm(dim=1), tracker.estimate(1, n, torch.device("cpu")))
+        p = row_probabilities(x.norm(dim=1), tracker.estimate(1, n, torch.device("cpu")).reshape(n))
     elif kind == "some_zero_probabilities":
         x[::4] = 0  # rows with x_i = 0 get p_i = 0; they contribute nothing
         p = row_probabilities(x.norm(dim=1), g.norm(dim=1))
@@ -38,11 +38,9 @@ def _case(kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def _draws(x: torch.Tensor, g: torch.Tensor, p: torch.Tensor, k: int, count: int, wta: bool = True) -> torch.Tensor:
-    out = torch.empty(count, g.shape[1], x.shape[1], dtype=torch.float64)
-    for i in range(count):
-        index, weight = wta_crs_plan(p, k, winner_take_all=wta)
-        out[i] = ((g[index].double() * weight[:, None].double()).t() @ x[index].double())
-    return out
+    """``count`` independent estimates of ``g^T x`` (count, out, in), drawn as one batch of plans."""
+    index, weight = wta_crs_plan(p.expand(count, -1), k, winner_take_all=wta)
+    return torch.einsum("sko,ski->soi", g.double()[index] * weight.double()[..., None], x.double()[index])
 
 
 @pytest.mark.parametrize("kind", ["concentrated", "flat", "zero_cached_norms", "some_zero_probabilities"])
@@ -161,4 +159,37 @@ def test_lora_a_is_sampled_and_frozen_base_saves_nothing(tokens) -> None:
     lora_a = model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default")
     x = torch.randn(2, 16, 64)
     assert saved_bytes(model, lambda: lora_a(x.requires_grad_())) == 10 * (64 * 4 + 8 + 4)
+    handle.undo()
+
+
+class _ToyAttention(nn.Module):
+    """Two batched matmuls as in eager attention: scores = q k^T, out = softmax(scores) v."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-1, -2)), dim=-1), v)
+
+
+def test_attention_matmul_gradients_are_unbiased_and_only_samples_are_saved() -> None:
+    torch.manual_seed(0)
+    attention = _ToyAttention()
+    q, k, v = (torch.randn(1, 2, 40, 8, requires_grad=True) for _ in range(3))
+    g = torch.randn(1, 2, 40, 8)
+    y = attention(q, k, v)
+    exact = torch.autograd.grad(y, (q, k, v), g)
+    handle = compress_activations(nn.Sequential(attention), "wta_crs", ratio=0.3)
+    assert handle.names("attention") == ["0"]
+    estimates = []
+    for _ in range(100):
+        out = attention(q, k, v)
+        assert torch.equal(out, y)
+        estimates.append(torch.autograd.grad(out, (q, k, v), g))
+    for i, name in enumerate("qkv"):
+        stack = torch.stack([e[i].double() for e in estimates])
+        z = (stack.mean(0) - exact[i].double()).abs() / (stack.std(0) / math.sqrt(len(stack))).clamp_min(1e-12)
+        assert float(z.max()) < 5.5, name  # 640 entries: |z| > 5.5 has probability < 1e-4
+    # q k^T keeps 12 of 40 rows of q and 12 of 40 columns of k^T; p v keeps 12 of 40 rows of p and 10 (min_rows)
+    # of 8 columns of v, i.e. all of v; plus the softmax output, int64 indices and fp32 weights per (batch, head)
+    slices = 1 * 2
+    sampled = slices * (12 * 8 + 12 * 8 + 12 * 40) * 4 + slices * 3 * 12 * (8 + 4)
+    assert saved_bytes(attention, lambda: attention(q, k, v)) == sampled + v.numel() * 4 + slices * 40 * 40 * 4
     handle.undo()
