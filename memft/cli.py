@@ -4,6 +4,8 @@
     memft validate RECIPE [key=value ...]
     memft memory RECIPE [key=value ...] [--config NAME] [--gpu NAME] [--measure] [--json] [--compare R ...]
     memft loram export RUN_DIR [--out DIR] [--no-merge]
+    memft continual RECIPE [key=value ...] [--resume] [--overwrite]   tasks in sequence, forgetting metrics
+    memft edit RECIPE [key=value ...]   lifelong editing with a WISE side memory
     memft recipes                      list the shipped recipes
     memft schema [SECTION]             every recipe field with its default and help
     memft support                      which methods each multi-process engine runs
@@ -36,8 +38,33 @@ def resolve_recipe(name_or_path: str) -> Path:
                       f"{', '.join(shipped_recipes())}.")
 
 
-def shipped_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+def shipped_recipes(kind: str | None = None) -> list[str]:
+    """Names of the shipped recipes, optionally only those of one kind (finetune, continual, edit)."""
+    names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    return [n for n in names if kind is None or recipe_kind(RECIPES_DIR / f"{n}.yaml") == kind]
+
+
+def recipe_kind(path: Path) -> str:
+    """A recipe's top-level `kind`: 'finetune' (no `kind`), 'continual' or 'edit'."""
+    from memft.train.recipe import load_recipe_data
+
+    kind = load_recipe_data(path).get("kind", "finetune")
+    if kind not in ("finetune", "continual", "edit"):
+        raise RecipeError(f"Recipe '{path}': kind '{kind}' is not known; use 'continual', 'edit', or no kind for a "
+                          "fine-tuning recipe.")
+    return kind
+
+
+def load_finetune_recipe(name_or_path: str, overrides: list[str]):
+    """The fine-tuning recipe behind a name or path; a continual or edit recipe is pointed to its command."""
+    from memft.train.recipe import load_recipe
+
+    path = resolve_recipe(name_or_path)
+    kind = recipe_kind(path) if path.is_file() else "finetune"
+    if kind != "finetune":
+        raise RecipeError(f"Recipe '{name_or_path}' is a {kind} recipe (kind: {kind}); run it with "
+                          f"`memft {kind} {name_or_path}`.")
+    return load_recipe(path, overrides)
 
 
 def _recipe_summary(path: Path) -> str:
@@ -50,10 +77,9 @@ def _recipe_summary(path: Path) -> str:
 # ------------------------------------------------------------------------------------------ commands
 def cmd_finetune(args) -> int:
     from memft.train.loop import finetune
-    from memft.train.recipe import load_recipe
 
     overrides = list(args.overrides) + ([f"distributed.nproc_per_node={args.nproc}"] if args.nproc else [])
-    recipe = load_recipe(resolve_recipe(args.recipe), overrides)
+    recipe = load_finetune_recipe(args.recipe, overrides)
     if args.nproc and args.nproc > 1 and recipe.distributed.engine == "none":
         raise RecipeError(f"--nproc {args.nproc} starts several processes, but distributed.engine is 'none'. Add "
                           "distributed.engine=ddp (or fsdp, deepspeed).")
@@ -91,12 +117,21 @@ def _launch_processes(nproc: int, argv: list[str]) -> int:
 
 
 def cmd_validate(args) -> int:
-    from memft.train.builders import check_compatibility
-    from memft.train.recipe import load_recipe
+    path = resolve_recipe(args.recipe)
+    kind = recipe_kind(path) if path.is_file() else "finetune"
+    if kind == "continual":
+        from memft.continual.recipe import load_continual_recipe
 
-    recipe = load_recipe(resolve_recipe(args.recipe), args.overrides)
-    check_compatibility(recipe)
-    print(f"{args.recipe}: valid.")
+        load_continual_recipe(path, args.overrides)
+    elif kind == "edit":
+        from memft.continual.recipe import load_edit_recipe
+
+        load_edit_recipe(path, args.overrides)
+    else:
+        from memft.train.builders import check_compatibility
+
+        check_compatibility(load_finetune_recipe(args.recipe, args.overrides))
+    print(f"{args.recipe}: valid {kind} recipe.")
     return 0
 
 
@@ -106,7 +141,6 @@ def cmd_memory(args) -> int:
 
     from memft.memory import comparison_markdown, get_gpu, plot_comparison, print_report
     from memft.train.memory_estimate import recipe_memory
-    from memft.train.recipe import load_recipe
 
     try:
         gpus = [get_gpu(args.gpu)] if args.gpu else None
@@ -115,7 +149,7 @@ def cmd_memory(args) -> int:
     names = [args.recipe] + list(args.compare or [])
     reports = {}
     for name in names:
-        recipe = load_recipe(resolve_recipe(name), args.overrides)
+        recipe = load_finetune_recipe(name, args.overrides)
         label = Path(name).stem
         reports[label] = recipe_memory(recipe, config=args.config, device=args.device, measure=args.measure,
                                        name=label)
@@ -205,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "distributed.nproc_per_node; the recipe chooses distributed.engine)")
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("validate", help="check a recipe without running it")
+    p = sub.add_parser("validate", help="check a recipe (of any kind) without running it")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_validate)
@@ -243,7 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("section", nargs="?", help="only this section (e.g. optimizer)")
     p.set_defaults(func=cmd_schema)
 
+    from memft.continual.commands import add_continual_parser, add_edit_parser
 
+    add_continual_parser(sub)
+    add_edit_parser(sub)
     return parser
 
 

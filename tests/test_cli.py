@@ -47,3 +47,16 @@ def test_the_installed_command_prints_no_traceback(tmp_path):
 def test_schema_command(capsys):
     assert main(["schema", "train"]) == 0
     assert "train.max_steps" in capsys.readouterr().out
+
+
+def test_validate_knows_every_recipe_kind(capsys):
+    for name, kind in (("quickstart", "finetune"), ("continual", "continual"), ("edit", "edit")):
+        assert main(["validate", name]) == 0
+        assert f"valid {kind} recipe" in capsys.readouterr().out
+
+
+def test_a_continual_recipe_is_pointed_to_its_command(capsys):
+    assert main(["finetune", "continual"]) == 2
+    assert "is a continual recipe (kind: continual); run it with `memft continual continual`" in capsys.readouterr().err
+    assert main(["memory", "edit"]) == 2
+    assert "run it with `memft edit edit`" in capsys.readouterr().err

@@ -6,27 +6,42 @@ arXiv 2506.21035) and returns the accuracy matrix with average accuracy, BWT, fo
 
 Editing: `WISE(model, tokenizer).edit(prompt, target, loc_prompt=...)` (arXiv 2405.14768) writes edits
 into a side memory; `evaluate_edits` measures Rel / Gen / Loc after all edits.
+
+Names are imported on first use (PEP 562), so `memft.continual.commands` (the CLI) loads without torch.
 """
 
-from memft.continual.editing import (FineTuneEditor, LocalityReference, evaluate_edits, load_edits,
-                                     locality_reference, run_edit_sequence)
-from memft.continual.harness import (METHODS, ContinualResult, TrainOptions, answer_accuracy, build_method,
-                                     run_task_sequence)
-from memft.continual.ilora import ILoRA, ILoRAOptions
-from memft.continual.lora import LoRAOptions, SequentialLoRA
-from memft.continual.metrics import (EditScores, average_accuracy, backward_transfer, continual_metrics,
-                                     forgetting, forward_transfer, plot_accuracy_matrix)
-from memft.continual.mora import MoRA, MoRALinear, MoRAOptions
-from memft.continual.replay import ReplayBuffer
-from memft.continual.tasks import SYNTHETIC_TASKS, Task, encode_rows, load_task_file, synthetic_suite
-from memft.continual.ties import ties_merge
-from memft.continual.wise import WISE, SideMemory, WISEOptions, default_edit_layer
+from __future__ import annotations
 
-__all__ = [
-    "METHODS", "SYNTHETIC_TASKS", "ContinualResult", "EditScores", "FineTuneEditor", "ILoRA", "ILoRAOptions",
-    "LoRAOptions", "LocalityReference", "MoRA", "MoRALinear", "MoRAOptions", "ReplayBuffer", "SequentialLoRA",
-    "SideMemory", "Task", "TrainOptions", "WISE", "WISEOptions", "answer_accuracy", "average_accuracy",
-    "backward_transfer", "build_method", "continual_metrics", "default_edit_layer", "encode_rows",
-    "evaluate_edits", "forgetting", "forward_transfer", "load_edits", "load_task_file", "locality_reference",
-    "plot_accuracy_matrix", "run_edit_sequence", "run_task_sequence", "synthetic_suite", "ties_merge",
-]
+import importlib
+from typing import Any
+
+_SOURCES = {
+    "editing": ("FineTuneEditor", "LocalityReference", "evaluate_edits", "load_edits", "locality_reference",
+                "run_edit_sequence"),
+    "harness": ("METHODS", "ContinualResult", "TrainOptions", "answer_accuracy", "build_method",
+                "run_task_sequence"),
+    "ilora": ("ILoRA", "ILoRAOptions"),
+    "lora": ("LoRAOptions", "SequentialLoRA"),
+    "metrics": ("EditScores", "average_accuracy", "backward_transfer", "continual_metrics", "forgetting",
+                "forward_transfer", "plot_accuracy_matrix"),
+    "mora": ("MoRA", "MoRALinear", "MoRAOptions"),
+    "replay": ("ReplayBuffer",),
+    "tasks": ("SYNTHETIC_TASKS", "Task", "encode_rows", "load_task_file", "synthetic_suite"),
+    "ties": ("ties_merge",),
+    "wise": ("WISE", "SideMemory", "WISEOptions", "default_edit_layer"),
+}
+_MODULE_OF = {name: module for module, names in _SOURCES.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'memft.continual' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f"memft.continual.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,8 +1,9 @@
 """The editing harness: apply T edits in sequence, then measure Rel / Gen / Loc once, after all T.
 
-An edit record has `prompt`, `target` (with its leading space), `rephrase` (paraphrased prompt),
-`locality_prompt` / `locality_target` (an unrelated fact, for evaluation) and `loc_prompt` (an unrelated
-text the editor may use while editing). The bundled records (memft/data/continual/edits.jsonl) are
+An edit record has `prompt`, `target` (with its leading space) and `loc_prompt` (an unrelated text the
+editor may use while editing), and optionally `rephrase` (paraphrased prompt, for Gen) and
+`locality_prompt` / `locality_target` (an unrelated fact, for Loc; without them Loc is measured on
+`loc_prompt`). The bundled records (memft/data/continual/edits.jsonl) are
 counterfactual facts about the world memft:tiny-llama was pretrained on.
 
     reference = locality_reference(model, tokenizer, edits)      # before editing
@@ -33,20 +34,48 @@ from memft.continual.wise import default_edit_layer
 from memft.errors import DataError
 from memft.train.data import IGNORE_INDEX, collate
 
-EDIT_FIELDS = ("prompt", "target", "rephrase", "locality_prompt", "locality_target", "loc_prompt")
+REQUIRED_FIELDS = ("prompt", "target", "loc_prompt")
+OPTIONAL_FIELDS = ("rephrase", "locality_prompt", "locality_target")
+LOCALITY_TOKENS = 3  # greedy tokens compared when a record has no locality_target
 
 
 def load_edits(path: str | Path | None = None, limit: int | None = None) -> list[dict]:
-    """Edit records from a JSON-lines file (default: the bundled edits), the first `limit` of them."""
+    """Edit records from a JSON-lines file (default: the bundled edits), the first `limit` of them.
+
+    Each record needs `prompt`, `target` and `loc_prompt` (text); `rephrase` (also read from
+    `paraphrase`) and `locality_prompt` / `locality_target` are optional (see `evaluate_edits`)."""
     path = Path(path) if path is not None else DATA_DIR / "edits.jsonl"
     if not path.is_file():
-        raise DataError(f"edit file '{path}' does not exist. Point at a .jsonl file of edit records.")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    for i, record in enumerate(records):
-        missing = [f for f in EDIT_FIELDS if not isinstance(record.get(f), str)]
-        if missing:
-            raise DataError(f"edit file '{path}', record {i}: missing text field(s) {', '.join(missing)}. "
-                            f"Each record needs {', '.join(EDIT_FIELDS)}.")
+        raise DataError(f"edit file '{path}' does not exist. Point at a .jsonl file of edit records (prompt, "
+                        "target, loc_prompt per line).")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"edit file '{path}', line {number}: not valid JSON ({exc.msg}). Each line must be "
+                            "one JSON object.") from None
+        if not isinstance(record, dict):
+            raise DataError(f"edit file '{path}', line {number}: a JSON object is needed, got "
+                            f"{type(record).__name__}.")
+        if "rephrase" not in record and "paraphrase" in record:
+            record = {**record, "rephrase": record.pop("paraphrase")}
+        missing = [f for f in REQUIRED_FIELDS if not isinstance(record.get(f), str) or not record[f]]
+        wrong = [f for f in OPTIONAL_FIELDS if f in record and not isinstance(record[f], str)]
+        if missing or wrong:
+            raise DataError(f"edit file '{path}', line {number}: "
+                            + (f"missing text field(s) {', '.join(missing)}" if missing else
+                               f"field(s) {', '.join(wrong)} must be text")
+                            + f". Each record needs {', '.join(REQUIRED_FIELDS)} and may have "
+                            f"{', '.join(OPTIONAL_FIELDS)} (or paraphrase).")
+        if ("locality_prompt" in record) != ("locality_target" in record):
+            raise DataError(f"edit file '{path}', line {number}: give locality_prompt and locality_target "
+                            "together, or neither (Loc then uses loc_prompt).")
+        records.append(record)
+    if not records:
+        raise DataError(f"edit file '{path}' holds no records. Add one JSON object per line.")
     if limit is not None and limit > len(records):
         raise ValueError(f"asked for {limit} edits, but '{path}' holds {len(records)}.")
     return records[:limit]
@@ -57,15 +86,16 @@ def _encode(tokenizer, prompt: str, target: str) -> tuple[list[int], list[int]]:
 
 
 @torch.no_grad()
-def _teacher_forced(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 32
-                    ) -> list[list[int]]:
-    """Argmax predictions at the target positions of each (prompt, target)."""
+def _teacher_forced(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str | list[int]]],
+                    batch_size: int = 32) -> list[list[int]]:
+    """Argmax predictions at the target positions of each (prompt, target text or target token ids)."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(pairs), batch_size):
         rows = []
         for prompt, target in pairs[start: start + batch_size]:
-            p, t = _encode(tokenizer, prompt, target)
+            p = tokenizer(prompt)["input_ids"]
+            t = tokenizer(target, add_special_tokens=False)["input_ids"] if isinstance(target, str) else target
             rows.append({"input_ids": p + t, "labels": [IGNORE_INDEX] * len(p) + t})
         batch = collate(rows, tokenizer.pad_token_id or 0)
         logits = model(input_ids=batch["input_ids"].to(device),
@@ -92,20 +122,34 @@ def greedy_tokens(model: nn.Module, tokenizer, prompt: str, count: int) -> list[
 
 @dataclass
 class LocalityReference:
-    """The unedited model's answers on the locality prompts."""
+    """The unedited model on each record's locality prompt: the prompt, the target tokens compared,
+    its teacher-forced argmax there and its greedy continuation."""
+    prompts: list[str]
+    targets: list[list[int]]
     teacher_forced: list[list[int]]
     generated: list[list[int]]
 
 
 def locality_reference(model: nn.Module, tokenizer, edits: Sequence[dict]) -> LocalityReference:
-    """Record the unedited model's locality predictions (call before editing)."""
-    pairs = [(e["locality_prompt"], e["locality_target"]) for e in edits]
-    generated = [greedy_tokens(model, tokenizer, p, len(_encode(tokenizer, p, t)[1])) for p, t in pairs]
-    return LocalityReference(_teacher_forced(model, tokenizer, pairs), generated)
+    """Record the unedited model's locality predictions (call before editing). A record's locality text is
+    `locality_prompt` / `locality_target`; without them `loc_prompt` and the unedited model's next
+    LOCALITY_TOKENS greedy tokens (the editor saw loc_prompt, so that Loc is optimistic)."""
+    prompts, targets = [], []
+    for e in edits:
+        if "locality_prompt" in e:
+            prompts.append(e["locality_prompt"])
+            targets.append(_encode(tokenizer, e["locality_prompt"], e["locality_target"])[1])
+        else:
+            prompts.append(e["loc_prompt"])
+            targets.append(greedy_tokens(model, tokenizer, e["loc_prompt"], LOCALITY_TOKENS))
+    generated = [greedy_tokens(model, tokenizer, p, len(t)) for p, t in zip(prompts, targets)]
+    return LocalityReference(prompts, targets, _teacher_forced(model, tokenizer, list(zip(prompts, targets))),
+                             generated)
 
 
 def evaluate_edits(model: nn.Module, tokenizer, edits: Sequence[dict], reference: LocalityReference) -> EditScores:
-    """Rel / Gen / Loc of the (edited) model on `edits`; see the module docstring."""
+    """Rel / Gen / Loc of the (edited) model on `edits`; see the module docstring. Gen averages over the
+    records with a `rephrase` (None when none has one)."""
     if len(reference.generated) != len(edits):
         raise ValueError("reference must come from locality_reference(model, tokenizer, edits) on the same edits.")
     was_training = model.training
@@ -113,19 +157,21 @@ def evaluate_edits(model: nn.Module, tokenizer, edits: Sequence[dict], reference
     try:
         scores = {}
         for key, field in (("rel", "prompt"), ("gen", "rephrase")):
-            pairs = [(e[field], e["target"]) for e in edits]
+            pairs = [(e[field], e["target"]) for e in edits if field in e]
+            if not pairs:
+                scores[f"{key}_token"] = scores[f"{key}_exact"] = None
+                continue
             targets = [_encode(tokenizer, p, t)[1] for p, t in pairs]
             predicted = _teacher_forced(model, tokenizer, pairs)
             scores[f"{key}_token"] = _mean([sum(a == b for a, b in zip(p, t)) / len(t)
                                             for p, t in zip(predicted, targets)])
             scores[f"{key}_exact"] = _mean([float(greedy_tokens(model, tokenizer, p, len(t)) == t)
                                             for (p, _), t in zip(pairs, targets)])
-        loc_pairs = [(e["locality_prompt"], e["locality_target"]) for e in edits]
-        predicted = _teacher_forced(model, tokenizer, loc_pairs)
+        predicted = _teacher_forced(model, tokenizer, list(zip(reference.prompts, reference.targets)))
         scores["loc_token"] = _mean([sum(a == b for a, b in zip(p, r)) / len(r)
                                      for p, r in zip(predicted, reference.teacher_forced)])
         scores["loc_exact"] = _mean([float(greedy_tokens(model, tokenizer, p, len(r)) == r)
-                                     for (p, _), r in zip(loc_pairs, reference.generated)])
+                                     for p, r in zip(reference.prompts, reference.generated)])
     finally:
         model.train(was_training)
     return EditScores(num_edits=len(edits), **scores)

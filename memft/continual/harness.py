@@ -11,7 +11,8 @@ an example counts when the argmax prediction at every answer position equals the
 untrained model (method attached, nothing trained) gives the baseline b used by FWT.
 
 With `output_dir`, a checkpoint (method state + R so far) is saved after every task, and
-`resume=True` continues a sequence from it; results.json and accuracy.png are written at the end.
+`resume=True` continues a sequence from it; results.json, results.md and accuracy.png are written at the
+end.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from memft.continual.metrics import continual_metrics, plot_accuracy_matrix
 from memft.continual.mora import MoRA, MoRAOptions
 from memft.continual.serialization import load_state, save_state
 from memft.continual.tasks import PROMPT_FORMATS, Task, encode_rows
-from memft.errors import RunError
+from memft.errors import DataError, RunError
 from memft.train.data import IGNORE_INDEX, BatchOrder, collate
 
 METHODS: dict[str, tuple[type[ContinualMethod], type]] = {
@@ -170,6 +171,11 @@ def run_task_sequence(model, tokenizer, tasks: list[Task], method: str | Continu
     eval_sets = [encode_rows(t.eval[: options.max_eval_examples], tokenizer, options.prompt_format,
                              options.max_seq_len) for t in tasks]
 
+    for name, rows in zip(names, train_sets):
+        if len(rows) < options.batch_size:
+            raise DataError(f"task '{name}' has {len(rows)} training rows, fewer than one batch "
+                            f"(batch_size {options.batch_size}). Lower the batch size or give the task more rows.")
+
     torch.manual_seed(options.seed)
     model = cl.attach(model.to(device))
     out = Path(output_dir) if output_dir is not None else None
@@ -221,8 +227,23 @@ def run_task_sequence(model, tokenizer, tasks: list[Task], method: str | Continu
                              progress["parameter_bytes"], progress["losses"], str(out) if out else None)
     if out is not None and done == len(tasks):
         (out / "results.json").write_text(json.dumps(result.to_dict(), indent=1))
+        (out / "results.md").write_text(result_markdown(result))
         plot_accuracy_matrix(result.accuracy, names, out / "accuracy.png", title=f"{cl.name}: accuracy matrix")
     return result
+
+
+def result_markdown(result: ContinualResult) -> str:
+    """The summary metrics and the accuracy matrix R as markdown."""
+    m = result.metrics
+    names = result.task_names
+    lines = [f"# {result.method}: {' -> '.join(names)}", "",
+             "| average accuracy | BWT | forgetting | FWT |", "|---|---|---|---|",
+             f"| {m['average_accuracy']:.3f} | {m['bwt']:+.3f} | {m['forgetting']:.3f} | {m['fwt']:+.3f} |", "",
+             "Accuracy matrix R (row: after training task i; column: evaluated task j):", "",
+             "| after | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines += [f"| {names[i]} | " + " | ".join(f"{x:.3f}" for x in row) + " |" for i, row in enumerate(result.accuracy)]
+    lines += ["| untrained | " + " | ".join(f"{x:.3f}" for x in result.baseline) + " |", ""]
+    return "\n".join(lines)
 
 
 def _resume(cl: ContinualMethod, out: Path, names: list[str], method_name: str) -> dict:

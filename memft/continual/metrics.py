@@ -98,13 +98,14 @@ def plot_accuracy_matrix(R: Sequence[Sequence[float]], task_names: Sequence[str]
 
 @dataclass
 class EditScores:
-    """Rel / Gen / Loc after all edits: token accuracy (teacher-forced) and generation exact match."""
+    """Rel / Gen / Loc after all edits: token accuracy (teacher-forced) and generation exact match (Gen is
+    None when no edit has a paraphrase)."""
     num_edits: int
     rel_token: float
-    gen_token: float
+    gen_token: float | None
     loc_token: float
     rel_exact: float
-    gen_exact: float
+    gen_exact: float | None
     loc_exact: float
 
     def as_dict(self) -> dict:

@@ -68,9 +68,11 @@ def prepare_loram(
     return get_peft_model(model, config), plan
 
 
-def save_loram_adapter(peft_model: nn.Module, plan: PruningPlan, out_dir: str | Path) -> Path:
-    """Save the trained pruned-model adapter and its plan side by side (input of ``export_recovered(plan=None)``)."""
+def save_loram_adapter(peft_model: nn.Module, plan: PruningPlan, out_dir: str | Path,
+                       state_dict: dict | None = None) -> Path:
+    """Save the trained pruned-model adapter and its plan side by side (input of ``export_recovered(plan=None)``).
+    ``state_dict``: the model's full weights when they are sharded across processes (FSDP)."""
     out_dir = Path(out_dir)
-    peft_model.save_pretrained(str(out_dir))
+    peft_model.save_pretrained(str(out_dir), state_dict=state_dict)
     plan.save(out_dir)
     return out_dir

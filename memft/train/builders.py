@@ -34,13 +34,14 @@ class OptimizerPlan:
 class PreparedModel:
     """The model after adapters and patches, with a way to undo the patches (not the adapter).
 
-    `save_final(model, directory)` writes what `final/` holds for this adapter (default: save_pretrained).
+    `save_final(model, directory, state_dict=None)` writes what `final/` holds for this adapter (default:
+    save_pretrained); `state_dict` holds the full weights when an engine shards them.
     """
 
     model: torch.nn.Module
     undo: list[Callable[[], None]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    save_final: Callable[[torch.nn.Module, str], None] | None = None
+    save_final: Callable[..., None] | None = None
 
 
 # ------------------------------------------------------------------------------------------- adapters
@@ -71,7 +72,7 @@ def _apply_loram(prepared: PreparedModel, section, calibration) -> None:
     except (ValueError, RuntimeError) as exc:
         raise RecipeError(f"adapter (loram): {exc}") from None
     prepared.model = model
-    prepared.save_final = lambda m, directory: save_loram_adapter(m, plan, directory)
+    prepared.save_final = lambda m, directory, state_dict=None: save_loram_adapter(m, plan, directory, state_dict)
     prepared.notes.append(f"LoRAM: pruned to {sum(p.numel() for p in model.parameters()):,} parameters; recover "
                           "with `memft loram export`")
 

@@ -98,7 +98,8 @@ class Trainer:
         """The first training batches in data order, for methods that score the model on data."""
         adapter = self.recipe.adapter
         count = getattr(adapter, "calibration_batches", 0) if getattr(adapter, "prune_method", "") == "taylor" else 0
-        pad, size = self.tokenizer.pad_token_id, self.recipe.train.batch_size
+        # Global batches (batch_size x processes): every process scores the same data, as one process would.
+        pad, size = self.tokenizer.pad_token_id, self.recipe.train.batch_size * self.processes.world
         return [collate(self.splits.train[i * size: (i + 1) * size], pad) for i in range(count)]
 
     # ----------------------------------------------------------------------------------- one step
@@ -253,7 +254,7 @@ class Trainer:
         for undo in reversed(self.prepared.undo):
             undo()
         if self.prepared.save_final is not None:
-            self.prepared.save_final(model, str(self.out / "final"))
+            self.prepared.save_final(model, str(self.out / "final"), state_dict=full_state)
         elif full_state is not None:
             model.save_pretrained(self.out / "final", state_dict=full_state, safe_serialization=True)
         else:

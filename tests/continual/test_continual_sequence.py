@@ -1,9 +1,12 @@
 """Task sequences on the bundled synthetic suite with memft:tiny-llama.
 
-Forgetting: sequential LoRA, I-LoRA and MoRA are trained on the first two tasks (animals: first item of
-a list of animals, then colours: last item of a list of colours; the rules conflict). The bar: I-LoRA
-and MoRA each have a BWT above sequential LoRA's by a margin. I-LoRA's checkpoint is resumed mid-sequence
-and must reproduce the uninterrupted run exactly; MoRA's frozen experts must stay bitwise unchanged.
+Forgetting: sequential LoRA, I-LoRA and MoRA (with input-orthogonal keys) are trained on the first two
+tasks (animals: first item of a list of animals, then colours: last item of a list of colours; the rules
+conflict and the prompt template is shared). The bar: I-LoRA and MoRA each have a BWT above sequential
+LoRA's by a margin. Measured at seeds 0 / 1 / 2 with 60 steps per task: LoRA -0.90 / -0.69 / -0.67,
+MoRA with input-orthogonal keys -0.06 / 0.00 / -0.08 (the paper's free keys: -0.31 / -0.92 / -0.73, no
+better than LoRA, see memft/continual/mora.py). I-LoRA's checkpoint is resumed mid-sequence and must
+reproduce the uninterrupted run exactly; MoRA's frozen experts must stay bitwise unchanged.
 """
 
 from __future__ import annotations
@@ -29,13 +32,14 @@ class RecordingMoRA(MoRA):
 
     def begin_task(self, index):
         super().begin_task(index)
-        self.snapshots.append({n: (m.frozen_A.clone(), m.frozen_B.clone()) for n, m in self.layers()})
+        self.snapshots.append({n: (m.frozen_A.clone(), m.frozen_B.clone(), m.input_basis.clone())
+                               for n, m in self.layers()})
 
 
 @pytest.fixture(scope="module")
 def runs(load_tiny, tokenizer):
     tasks = synthetic_suite(["animals", "colours"])
-    mora = RecordingMoRA(MoRAOptions())
+    mora = RecordingMoRA(MoRAOptions(input_subspace_energy=0.95))
     results = {"mora": run_task_sequence(load_tiny(), tokenizer, tasks, mora, train_options=TRAIN)}
     results["lora"] = run_task_sequence(load_tiny(), tokenizer, tasks, "lora", train_options=TRAIN)
     results["ilora"] = run_task_sequence(load_tiny(), tokenizer, tasks, "ilora", {"replay_batch_size": 4},
@@ -60,27 +64,28 @@ def test_ilora_forgets_less_than_sequential_lora(runs):
 
 
 def test_mora_forgets_less_than_sequential_lora(runs):
-    """Holds with the default seed 0 (measured BWT -0.31 against LoRA's -0.90) but not robustly: with seeds
-    1 and 2 of the same setting MoRA measured -0.92 / -0.73 against LoRA's -0.69 / -0.67, because the new
-    task's rank-1 experts also activate on the old task's tokens (shared prompt template)."""
     results, _ = runs
     assert results["mora"].accuracy[0][0] >= 0.4
     assert results["mora"].metrics["bwt"] >= results["lora"].metrics["bwt"] + BWT_MARGIN
+    assert results["mora"].accuracy[1][1] >= 0.25          # the second task is still learnt
 
 
 def test_mora_frozen_experts_stay_bitwise_unchanged(runs):
     results, mora = runs
     frozen_at_task_1 = mora.snapshots[1]
     for name, layer in mora.layers():
-        a, b = frozen_at_task_1[name]
+        a, b, _ = frozen_at_task_1[name]
         assert a.shape[0] == mora.options.r and torch.equal(layer.frozen_A, a) and torch.equal(layer.frozen_B, b)
     per_task = [p["adapter_total"] for p in results["mora"].parameter_bytes]
     assert per_task[1] == 2 * per_task[0]  # r rank-1 experts per layer and task: linear growth
+    for name, layer in mora.layers():      # the current keys stayed orthogonal to task 0's input basis
+        task_0_basis = frozen_at_task_1[name][2]
+        assert task_0_basis.shape[1] > 0 and (layer.A.detach() @ task_0_basis).abs().max() < 1e-4
 
 
 def test_ilora_resumes_mid_sequence_exactly(load_tiny, tokenizer, tmp_path):
     tasks = synthetic_suite(["animals", "colours", "words"])
-    short = {**TRAIN, "steps_per_task": 4, "max_eval_examples": 8}
+    short = {**TRAIN, "steps_per_task": 3, "max_eval_examples": 4}
     options = {"buffer_size": 16, "replay_batch_size": 4}
     straight = run_task_sequence(load_tiny(), tokenizer, tasks, "ilora", options, short, output_dir=tmp_path / "a")
     first = run_task_sequence(load_tiny(), tokenizer, tasks, "ilora", options, short, output_dir=tmp_path / "b",

@@ -12,7 +12,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memft.continual import ILoRA, ILoRAOptions, MoRA, MoRALinear, MoRAOptions, ReplayBuffer, ties_merge
-from memft.continual.mora import expert_relevance, expert_weights
+from memft.continual.mora import expert_relevance, expert_weights, extend_input_basis
 from memft.continual.wise import SideMemory
 from memft.train.data import collate
 
@@ -91,6 +91,8 @@ def test_options_are_validated():
         MoRAOptions(tau=0)
     with pytest.raises(ValueError, match="relevance"):
         MoRAOptions(relevance="softmax")
+    with pytest.raises(ValueError, match="input_subspace_energy"):
+        MoRAOptions(input_subspace_energy=1.0)
 
 
 # --------------------------------------------------------------------------------------------- MoRA
@@ -147,6 +149,86 @@ def test_mora_layer_matches_the_formula_and_folds_the_scale():
             w = torch.softmax(s[kept] / 0.5, 0)
             expected = base(x[i]) + sum(w[n] * h[j] * values[:, j] for n, j in enumerate(kept))
             torch.testing.assert_close(out[i], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_input_basis_extension_matches_hand_computation():
+    # trace 10: e1 holds 0.6 of the energy, e1 + e2 0.9 >= 0.85 -> two directions
+    basis = extend_input_basis(torch.zeros(4, 0), torch.diag(torch.tensor([6.0, 3.0, 1.0, 0.0])), energy=0.85)
+    torch.testing.assert_close(basis.abs(), torch.eye(4)[:, :2])
+    # a later task living on e3, e4 (5 + 5): nothing of it is captured yet, 8.5 needed -> both added
+    basis = extend_input_basis(basis, torch.diag(torch.tensor([0.0, 0.0, 5.0, 5.0])), energy=0.85)
+    assert basis.shape == (4, 4)
+    torch.testing.assert_close(basis.t() @ basis, torch.eye(4), atol=1e-6, rtol=0)
+    # a task already inside the basis adds nothing
+    inside = extend_input_basis(basis[:, :2], torch.diag(torch.tensor([2.0, 1.0, 0.0, 0.0])), energy=0.85)
+    assert inside.shape == (4, 2)
+
+
+def test_input_orthogonal_keys_leave_old_inputs_untouched():
+    """Task 0 sees inputs in a 3-dim subspace; task 1's experts (trained on inputs with components outside it)
+    keep keys orthogonal to it, so with the test-time threshold old-subspace inputs get exactly the task-0
+    output while other inputs change."""
+    torch.manual_seed(0)
+    options = MoRAOptions(r=3, top_k=4, tau=0.1, delta=0.05, input_subspace_energy=0.999)
+    layer = MoRALinear(nn.Linear(8, 5), options)
+    method = MoRA(options)
+    method.model = nn.Sequential(layer)
+    span = torch.linalg.qr(torch.randn(8, 3))[0]                     # [8, 3] orthonormal
+    old_inputs = torch.randn(64, 3) @ span.t()
+    method.begin_task(0)
+    with torch.no_grad():
+        layer.B.copy_(torch.randn(5, 3))
+    layer.train()
+    layer(old_inputs)                                                # accumulates the input covariance
+    method.end_task(0)
+    assert layer.input_basis.shape == (8, 3)
+    torch.testing.assert_close(layer.input_basis @ layer.input_basis.t(), span @ span.t(), atol=1e-5, rtol=0)
+    layer.eval()
+    layer.test_threshold = True
+    new_inputs = torch.randn(64, 8)
+    with torch.no_grad():
+        before, before_new = layer(old_inputs), layer(new_inputs)
+    method.begin_task(1)
+    torch.testing.assert_close(layer.A @ span, torch.zeros(3, 3), atol=1e-6, rtol=0)   # initialised orthogonal
+    optimizer = torch.optim.SGD([layer.A, layer.B], lr=0.05)
+    layer.train()
+    layer.test_threshold = False
+    for _ in range(5):
+        loss = (layer(new_inputs) - 1.0).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        method.after_step()                                          # keys projected back
+    torch.testing.assert_close(layer.A.detach() @ span, torch.zeros(3, 3), atol=1e-6, rtol=0)
+    layer.eval()
+    layer.test_threshold = True
+    with torch.no_grad():
+        torch.testing.assert_close(layer(old_inputs), before, atol=1e-5, rtol=1e-5)
+        assert (layer(new_inputs) - before_new).abs().max() > 1e-2       # the new experts did learn
+    assert method.parameter_bytes()["input_basis"] == 8 * 3 * 4
+
+
+def test_mora_state_with_input_basis_round_trips(micro_llama):
+    options = MoRAOptions(r=2, top_k=2, target_modules=["q_proj", "down_proj"], input_subspace_energy=0.9)
+    method = MoRA(options)
+    model = method.attach(micro_llama())
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    method.begin_task(0)
+    model.train()
+    model(input_ids=ids)                       # accumulates the input covariance of task 0
+    method.end_task(0)
+    method.begin_task(1)
+    blob = io.BytesIO()
+    torch.save(method.state_dict(), blob)
+    blob.seek(0)
+    copy = MoRA(options)
+    copy.attach(micro_llama(seed=1))
+    copy.begin_task(0)
+    copy.begin_task(1)
+    copy.load_state_dict(torch.load(blob, weights_only=True))
+    for (_, a), (_, b) in zip(method.layers(), copy.layers()):
+        assert a.input_basis.shape[1] > 0 and torch.equal(a.input_basis, b.input_basis)
+        assert torch.equal(a.A, b.A) and torch.equal(a.frozen_B, b.frozen_B)
 
 
 def test_mora_trains_under_fake_tensors(micro_llama):

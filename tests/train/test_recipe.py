@@ -9,7 +9,7 @@ from memft.train.recipe import apply_overrides, load_recipe, parse_override, val
 from memft.train.schema_doc import describe_schema
 
 
-@pytest.mark.parametrize("name", shipped_recipes())
+@pytest.mark.parametrize("name", shipped_recipes(kind="finetune"))
 def test_every_shipped_recipe_validates(name):
     recipe = load_recipe(RECIPES_DIR / f"{name}.yaml")
     check_compatibility(recipe)
