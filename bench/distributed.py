@@ -11,7 +11,7 @@ Engine options (FSDP without resharding, FSDP with CPU offload, ZeRO-1, ZeRO-2 w
 CPU) are run for AdamW.
 
 Run: `python bench/distributed.py [--steps 3] [--rows LABEL ...] [--engines ddp fsdp deepspeed]`; writes
-bench/results/distributed.md.
+bench/results/distributed.md (with --rows, replaces those rows' lines in it).
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ EXTRA = {
     "optimizer galore_adafactor": ("optimizer.rank=16", "optimizer.update_proj_gap=2"),
     "optimizer natural_galore_adamw": ("optimizer.rank=16", "optimizer.update_proj_gap=2"),
     "optimizer.layerwise": ("optimizer.rank=16",),
+    "adapter loram": ("optimizer.lr=3e-2", "adapter.dropout=0"),
+    "adapter loram (quantize nf4)": ("optimizer.lr=3e-2", "adapter.dropout=0"),
     "activations mesa": ("model.attn_implementation=eager",),
     "activations s2a": ("model.attn_implementation=eager",),
 }
@@ -85,6 +87,12 @@ def compare(single: dict, multi: dict, label: str) -> tuple[str, str]:
     if diff <= 1e-4 or label in STOCHASTIC:
         return "ok", text
     return "differs", text
+
+
+def _key(line: str) -> str:
+    """A results line's identity: the row label, plus the engine for per-cell lines."""
+    cells = line.split(" | ")
+    return " | ".join(cells[:2]) if len(cells) > 1 and cells[1] in ENGINES else cells[0]
 
 
 def main() -> None:
@@ -143,9 +151,11 @@ def main() -> None:
                   *options]
     if not args.rows:
         RESULTS.write_text("\n".join(lines) + "\n")
-        print(f"wrote {RESULTS}")
-    else:
-        print("\n".join(lines))
+    else:  # replace the re-run rows (and options) in the saved results
+        fresh = {_key(line): line for line in table[2:] + details + options}
+        kept = [fresh.get(_key(old), old) for old in RESULTS.read_text().splitlines()]
+        RESULTS.write_text("\n".join(kept) + "\n")
+    print(f"wrote {RESULTS}")
 
 
 STEPS = 3

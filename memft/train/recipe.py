@@ -299,7 +299,8 @@ class DistributedSection(Section):
     @model_validator(mode="after")
     def _options_match_engine(self) -> "DistributedSection":
         for engine in ("fsdp", "deepspeed"):
-            if engine in self.model_fields_set and self.engine != engine:
+            options = getattr(self, engine)
+            if options != type(options)() and self.engine != engine:
                 raise ValueError(f"distributed.{engine} options apply to engine '{engine}' only, but engine is "
                                  f"'{self.engine}'; set distributed.engine={engine} or remove distributed.{engine}")
         return self

@@ -65,3 +65,11 @@ def test_refused_combination_exits_2_before_starting_processes(capsys, tmp_path)
 def test_nproc_needs_an_engine(capsys, tmp_path):
     assert main(["finetune", "quickstart", "--nproc", "2", f"train.output_dir={tmp_path / 'run'}"]) == 2
     assert "distributed.engine is 'none'" in capsys.readouterr().err
+
+
+def test_a_saved_recipe_with_default_engine_options_validates_again():
+    """run.json stores every field; reading it back must not mistake default options for a choice."""
+    from memft.train.recipe import validate_recipe
+
+    dump = _recipe().model_dump(mode="json")
+    assert validate_recipe(dump).distributed.engine == "none"
