@@ -9,6 +9,10 @@ is to the nearest code, so the error is at most half a code gap times the block 
 
 Pure torch, so it runs on any device and under ``FakeTensorMode``. Shapes: ``codes`` is
 ``uint8[num_blocks * BLOCK_SIZE]`` and ``absmax`` is ``float32[num_blocks]``.
+
+Every block is encoded independently, so a tensor can be read and rewritten a range of whole blocks at
+a time (:func:`dequantize_range`, :func:`quantize_range_`) with exactly the codes the whole-tensor
+functions produce; the fp32 temporaries are then bounded by the range, not by the tensor.
 """
 
 from __future__ import annotations
@@ -71,23 +75,60 @@ def num_blocks(numel: int) -> int:
 
 
 def quantize(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
-    """fp tensor of any shape -> ``(codes uint8[num_blocks * BLOCK_SIZE], absmax float32[num_blocks])``."""
+    """fp tensor of any shape -> ``(codes uint8[num_blocks * BLOCK_SIZE], absmax float32[num_blocks])``.
+
+    Each element takes the nearest code of its block-normalised value (ties to the lower code).
+    """
     flat = x.detach().reshape(-1).float()
-    padded = torch.nn.functional.pad(flat, (0, num_blocks(flat.numel()) * BLOCK_SIZE - flat.numel()))
-    blocks = padded.view(-1, BLOCK_SIZE)
+    padding = num_blocks(flat.numel()) * BLOCK_SIZE - flat.numel()
+    blocks = (torch.nn.functional.pad(flat, (0, padding)) if padding else flat).view(-1, BLOCK_SIZE)
     absmax = blocks.abs().amax(dim=1)
-    normalised = (blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)).reshape(-1)
+    normalised = (blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)).view(-1)
     book = _book_like(x, signed)
-    upper = torch.searchsorted(book, normalised).clamp_(1, book.numel() - 1)
-    lower = upper - 1
-    take_upper = (book[upper] - normalised) < (normalised - book[lower])
-    codes = torch.where(take_upper, upper, lower).to(torch.uint8)
+    lower = torch.searchsorted(book, normalised, out_int32=True).clamp_(1, book.numel() - 1).sub_(1)
+    above = book[lower + 1].sub_(normalised)  # distance to the upper neighbour
+    below = book[lower]
+    torch.sub(normalised, below, out=below)  # distance to the lower neighbour
+    codes = lower.add_(above < below).to(torch.uint8)
     return codes, absmax
 
 
 def dequantize(codes: Tensor, absmax: Tensor, shape: torch.Size | tuple[int, ...], signed: bool) -> Tensor:
     """Inverse of :func:`quantize`: returns an fp32 tensor of ``shape``."""
     book = _book_like(codes, signed)
-    values = book[codes.long()].view(-1, BLOCK_SIZE) * absmax.unsqueeze(1)
-    numel = math.prod(shape)
-    return values.reshape(-1)[:numel].view(shape)
+    values = book[codes.int()]
+    values.view(-1, BLOCK_SIZE).mul_(absmax.unsqueeze(1))
+    return values[: math.prod(shape)].view(shape)
+
+
+def zeros(numel: int, signed: bool, device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """Codes and scales of ``numel`` zeros, equal to ``quantize(torch.zeros(numel), signed)`` without the fp32 tensor."""
+    zero_code = (_SIGNED_BOOK if signed else _UNSIGNED_BOOK).index(0.0)
+    blocks = num_blocks(numel)
+    codes = torch.full((blocks * BLOCK_SIZE,), zero_code, dtype=torch.uint8, device=device)
+    return codes, torch.zeros(blocks, dtype=torch.float32, device=device)
+
+
+def _check_start(start: int) -> None:
+    if start % BLOCK_SIZE:
+        raise ValueError(f"a range of 8-bit codes must start on a block boundary (a multiple of {BLOCK_SIZE}), got {start}.")
+
+
+def dequantize_range(codes: Tensor, absmax: Tensor, start: int, stop: int, signed: bool) -> Tensor:
+    """fp32 values of flat elements ``[start, stop)`` of a quantised tensor; ``start`` is a multiple of ``BLOCK_SIZE``."""
+    _check_start(start)
+    first, last = start // BLOCK_SIZE, num_blocks(stop)
+    return dequantize(codes[first * BLOCK_SIZE : last * BLOCK_SIZE], absmax[first:last], (stop - start,), signed)
+
+
+def quantize_range_(codes: Tensor, absmax: Tensor, start: int, values: Tensor, signed: bool) -> None:
+    """Store ``values`` (1-D) as flat elements ``[start, start + len(values))`` in place; ``start`` is block-aligned.
+
+    A partial last block is padded with zeros, as :func:`quantize` pads the tensor's last block, so writing
+    a tensor range by range gives exactly ``quantize(tensor)``.
+    """
+    _check_start(start)
+    new_codes, new_absmax = quantize(values, signed)
+    first = start // BLOCK_SIZE
+    codes[start : start + new_codes.numel()].copy_(new_codes)
+    absmax[first : first + new_absmax.numel()].copy_(new_absmax)

@@ -26,7 +26,12 @@ Deliberate choices (documented here, tested in ``tests/optimizers/test_galore.py
   (a non-negative approximation; exact when the new basis is a signed permutation of the old).
 * Moments are stored, and updated in place, in the parameter dtype (like ``torch.optim.AdamW``
   and the reference), so no full-size fp32 temporaries appear for bf16 embeddings; bases are stored
-  in the gradient dtype, SVDs run in fp32. The 8-bit variant dequantises to fp32 per tensor.
+  in the gradient dtype, SVDs run in fp32. The 8-bit variant dequantises to fp32 one chunk at a time.
+* Bounded temporaries (the AdamW variants): moments are updated ``chunk_numel`` elements at a time
+  and a plain parameter's update is added chunk by chunk; a low-rank update is projected back by one
+  in-place ``addmm_`` into the weight (the reference materialises the ``(m, n)`` update, rounds it to
+  the parameter dtype, then adds it: two roundings where memft has one). So a step never holds a
+  full-size temporary of a parameter, apart from the fp32 gradient copy an SVD refresh needs.
 * The step counter is a Python ``int`` per parameter and is counted once, by this code.
 
 Everything in ``state_dict()`` is plain tensors, numbers, strings and dicts (the projector is stored
@@ -38,7 +43,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +51,7 @@ from torch import Tensor, nn
 from memft.optimizers import _blockwise8bit as q8
 from memft.optimizers.projector import LowRankProjector, map_low_rank, validate_projection_config
 
+DEFAULT_CHUNK_NUMEL = 2**22
 GALORE_DEFAULTS: dict[str, Any] = {
     "update_proj_gap": 200,
     "scale": 0.25,
@@ -153,14 +159,18 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         state = self.state[param]
         low_rank = self.is_low_rank(param, group)
         direction, step_size, decay_lr = self._direction(param, low_grad, group, state, low_rank)
-        if group["weight_decay"] != 0:
-            param.mul_(1 - decay_lr * group["weight_decay"])
+        self._decay(param, group, decay_lr)
         if low_rank:
             projector = LowRankProjector.from_state_dict(state["projector"])
-            update = projector.project_back(direction.to(param.dtype))
-            param.add_(update, alpha=-step_size * group["scale"])
+            projector.add_project_back_(param, direction, alpha=-step_size * group["scale"])
         else:
             param.add_(direction, alpha=-step_size)
+
+    @staticmethod
+    def _decay(param: Tensor, group: dict[str, Any], decay_lr: float | Tensor) -> None:
+        """Decoupled weight decay, in place: ``W <- W * (1 - decay_lr * weight_decay)``."""
+        if group["weight_decay"] != 0:
+            param.mul_(1 - decay_lr * group["weight_decay"])
 
     def _direction(
         self, param: Tensor, grad: Tensor, group: dict[str, Any], state: dict, low_rank: bool
@@ -218,6 +228,13 @@ class GaLoreAdamW(GaLoreOptimizer):
 
     State per parameter: ``step`` (int), ``exp_avg``/``exp_avg_sq`` in the low-rank shape
     (``(m, r)``, ``(r, n)`` or ``(r, r)``; the full shape for plain parameters) and ``projector``.
+
+    The moments are updated ``chunk_numel`` flat elements at a time (a multiple of 256, the 8-bit
+    block size; default 2**22), so an optimizer step's temporaries are a few chunk-sized buffers
+    (about 33 bytes per chunk element in the 8-bit variant, 4 here) plus one low-rank direction in the
+    parameter dtype: a plain parameter's update is added to it chunk by chunk, a
+    low-rank one is projected back by ``addmm_`` into the weight. Element-wise arithmetic does not
+    depend on the chunking, so the result equals the whole-tensor computation exactly.
     """
 
     def __init__(
@@ -228,6 +245,7 @@ class GaLoreAdamW(GaLoreOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         moments_on_refresh: str = "keep",
+        chunk_numel: int = DEFAULT_CHUNK_NUMEL,
     ) -> None:
         if lr < 0:
             raise ValueError(f"`lr` must be >= 0, got {lr}.")
@@ -235,35 +253,80 @@ class GaLoreAdamW(GaLoreOptimizer):
             raise ValueError(f"`betas` must lie in [0, 1), got {betas}; the usual choice is (0.9, 0.999).")
         if eps < 0 or weight_decay < 0:
             raise ValueError(f"`eps` and `weight_decay` must be >= 0, got eps={eps}, weight_decay={weight_decay}.")
+        if isinstance(chunk_numel, bool) or not isinstance(chunk_numel, int) or chunk_numel < 1 or chunk_numel % q8.BLOCK_SIZE:
+            raise ValueError(
+                f"`chunk_numel` must be a positive multiple of {q8.BLOCK_SIZE} (the 8-bit block size), got {chunk_numel!r}; "
+                "the default 2**22 keeps an 8-bit step's temporaries near 130 MiB (about 33 bytes per chunk element)."
+            )
+        self.chunk_numel = chunk_numel
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}, moments_on_refresh)
 
-    def _moments(self, state: dict, like: Tensor, param: Tensor) -> tuple[Tensor, Tensor]:
-        """``exp_avg`` and ``exp_avg_sq`` in the parameter dtype, created on first use."""
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros(like.shape, dtype=param.dtype, device=like.device)
-            state["exp_avg_sq"] = torch.zeros(like.shape, dtype=param.dtype, device=like.device)
-        return state["exp_avg"], state["exp_avg_sq"]
+    # ----------------------------------------------------------------- moment storage
+    def _init_moments(self, state: dict, like: Tensor, param: Tensor) -> None:
+        """Zero ``exp_avg`` and ``exp_avg_sq`` shaped like ``like``, in the parameter dtype."""
+        state["exp_avg"] = torch.zeros(like.shape, dtype=param.dtype, device=like.device)
+        state["exp_avg_sq"] = torch.zeros(like.shape, dtype=param.dtype, device=like.device)
 
-    def _store_moments(self, state: dict, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
-        """Moments are updated in place; the 8-bit variant requantises here."""
+    def _has_moments(self, state: dict) -> bool:
+        return "exp_avg" in state
+
+    def _load_moments(self, state: dict, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        """Flat elements ``[start, stop)`` of both moments, as tensors updated in place then passed to :meth:`_save_moments`."""
+        return state["exp_avg"].view(-1)[start:stop], state["exp_avg_sq"].view(-1)[start:stop]
+
+    def _save_moments(self, state: dict, start: int, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
+        """Moments loaded as views were updated in place; the 8-bit variant requantises here."""
+
+    # ----------------------------------------------------------------- Adam
+    def _count_step(self, state: dict, group: dict[str, Any], grad: Tensor, param: Tensor) -> float:
+        """Create the moments on first use, count the step, return the step size ``lr / (1 - beta1^t)``."""
+        if not self._has_moments(state):
+            self._init_moments(state, grad, param)
+        state["step"] = state.get("step", 0) + 1
+        return group["lr"] / (1 - group["betas"][0] ** state["step"])
+
+    def _adam_chunks(self, grad: Tensor, group: dict[str, Any], state: dict) -> Iterator[tuple[int, Tensor]]:
+        """Update the moments chunk by chunk; yield ``(start, m / (√v / √(1 - beta2^t) + eps))`` per flat chunk."""
+        beta1, beta2 = group["betas"]
+        root_correction2 = math.sqrt(1 - beta2 ** state["step"])
+        flat_grad = grad.reshape(-1)
+        numel = flat_grad.numel()
+        for start in range(0, numel, self.chunk_numel):
+            stop = min(start + self.chunk_numel, numel)
+            exp_avg, exp_avg_sq = self._load_moments(state, start, stop)
+            chunk = flat_grad[start:stop].to(exp_avg.dtype)
+            exp_avg.lerp_(chunk, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(chunk, chunk, value=1 - beta2)
+            self._save_moments(state, start, exp_avg, exp_avg_sq)
+            direction = exp_avg_sq.sqrt().div_(root_correction2).add_(group["eps"])
+            yield start, torch.div(exp_avg, direction, out=direction)  # one temporary, reused in place
 
     def _adam(self, grad: Tensor, group: dict[str, Any], state: dict, param: Tensor) -> tuple[Tensor, float, float]:
-        """Adam moments update in the moments' dtype; returns ``(m / (√v / √bc2 + eps), lr / bc1, lr)``."""
-        beta1, beta2 = group["betas"]
-        exp_avg, exp_avg_sq = self._moments(state, grad, param)
-        grad = grad.to(exp_avg.dtype)
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        self._store_moments(state, exp_avg, exp_avg_sq)
-        state["step"] = state.get("step", 0) + 1
-        bias_correction1 = 1 - beta1 ** state["step"]
-        bias_correction2 = 1 - beta2 ** state["step"]
-        direction = exp_avg_sq.sqrt().div_(math.sqrt(bias_correction2)).add_(group["eps"])
-        torch.div(exp_avg, direction, out=direction)  # one temporary, reused in place
-        return direction, group["lr"] / bias_correction1, group["lr"]
+        """Adam on a (low-rank) gradient: ``(direction in the parameter dtype, lr / bc1, lr)``."""
+        step_size = self._count_step(state, group, grad, param)
+        direction = torch.empty(grad.shape, dtype=param.dtype, device=grad.device)
+        flat = direction.view(-1)
+        for start, chunk in self._adam_chunks(grad, group, state):
+            flat[start : start + chunk.numel()].copy_(chunk)
+        return direction, step_size, group["lr"]
 
     def _direction(self, param, grad, group, state, low_rank):
         return self._adam(grad, group, state, param)
+
+    def apply_update(self, param: Tensor, low_grad: Tensor, group: dict[str, Any]) -> None:
+        """Low-rank parameters as in the base class; plain ones get their update added chunk by chunk."""
+        if self.is_low_rank(param, group):
+            super().apply_update(param, low_grad, group)
+            return
+        state = self.state[param]
+        step_size = self._count_step(state, group, low_grad, param)
+        self._decay(param, group, group["lr"])
+        target = param.contiguous()  # `param` itself unless it is a non-contiguous view
+        flat = target.view(-1)
+        for start, chunk in self._adam_chunks(low_grad, group, state):
+            flat[start : start + chunk.numel()].add_(chunk, alpha=-step_size)
+        if target is not param:
+            param.copy_(target)
 
     def _reproject_state(self, state: dict, t_left: Tensor | None, t_right: Tensor | None) -> None:
         state["exp_avg"] = map_low_rank(state["exp_avg"], t_left, t_right)
@@ -275,44 +338,49 @@ class GaLoreAdamW8bit(GaLoreAdamW):
 
     Moments with at least 4096 elements are stored as uint8 codes with one fp32 scale per block of
     256 (``exp_avg_codes``, ``exp_avg_absmax``, ``exp_avg_sq_codes``, ``exp_avg_sq_absmax``, plus
-    ``moment_shape``); smaller ones stay fp32 (``exp_avg``, ``exp_avg_sq``). Each step dequantises,
-    updates in fp32, computes the update from the fp32 moments and requantises. Pure torch (no
-    bitsandbytes): it runs on CPU and under ``FakeTensorMode``, and counts ``step`` exactly once.
+    ``moment_shape``); smaller ones stay fp32 (``exp_avg``, ``exp_avg_sq``). Each step dequantises one
+    chunk of ``chunk_numel`` elements (whole blocks) to fp32, updates it, computes that chunk of the
+    update from the fp32 moments and requantises it in place; since blocks are encoded independently
+    the codes equal those of the whole-tensor computation. Pure torch (no bitsandbytes): it runs on
+    CPU and under ``FakeTensorMode``, and counts ``step`` exactly once.
     """
 
-    def _moments(self, state: dict, like: Tensor, param: Tensor) -> tuple[Tensor, Tensor]:
-        if "exp_avg" not in state and "exp_avg_codes" not in state:
-            zeros = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
-            if like.numel() < q8.MIN_8BIT_NUMEL:
-                state["exp_avg"], state["exp_avg_sq"] = zeros, zeros.clone()
-                return state["exp_avg"], state["exp_avg_sq"]
-            state["moment_shape"] = list(like.shape)
-            self._store_moments(state, zeros, zeros)
-        if "exp_avg" in state:
-            return state["exp_avg"], state["exp_avg_sq"]
-        return self._dequantized(state)
+    def _init_moments(self, state: dict, like: Tensor, param: Tensor) -> None:
+        if like.numel() < q8.MIN_8BIT_NUMEL:
+            state["exp_avg"] = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+            state["exp_avg_sq"] = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+            return
+        state["moment_shape"] = list(like.shape)
+        state["exp_avg_codes"], state["exp_avg_absmax"] = q8.zeros(like.numel(), signed=True, device=like.device)
+        state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"] = q8.zeros(like.numel(), signed=False, device=like.device)
 
-    @staticmethod
-    def _dequantized(state: dict) -> tuple[Tensor, Tensor]:
-        shape = tuple(state["moment_shape"])
-        exp_avg = q8.dequantize(state["exp_avg_codes"], state["exp_avg_absmax"], shape, signed=True)
-        exp_avg_sq = q8.dequantize(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], shape, signed=False)
+    def _has_moments(self, state: dict) -> bool:
+        return "exp_avg" in state or "exp_avg_codes" in state
+
+    def _load_moments(self, state: dict, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        if "exp_avg" in state:
+            return super()._load_moments(state, start, stop)
+        exp_avg = q8.dequantize_range(state["exp_avg_codes"], state["exp_avg_absmax"], start, stop, signed=True)
+        exp_avg_sq = q8.dequantize_range(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], start, stop, signed=False)
         return exp_avg, exp_avg_sq
 
-    def _store_moments(self, state: dict, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
-        if "moment_shape" in state:
-            state["exp_avg_codes"], state["exp_avg_absmax"] = q8.quantize(exp_avg, signed=True)
-            state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"] = q8.quantize(exp_avg_sq, signed=False)
+    def _save_moments(self, state: dict, start: int, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
+        if "exp_avg" not in state:
+            q8.quantize_range_(state["exp_avg_codes"], state["exp_avg_absmax"], start, exp_avg, signed=True)
+            q8.quantize_range_(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], start, exp_avg_sq, signed=False)
 
     def _reproject_state(self, state: dict, t_left: Tensor | None, t_right: Tensor | None) -> None:
         if "exp_avg" in state:
             super()._reproject_state(state, t_left, t_right)
             return
-        exp_avg, exp_avg_sq = self._dequantized(state)
+        shape = tuple(state["moment_shape"])
+        exp_avg = q8.dequantize(state["exp_avg_codes"], state["exp_avg_absmax"], shape, signed=True)
+        exp_avg_sq = q8.dequantize(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], shape, signed=False)
         exp_avg = map_low_rank(exp_avg, t_left, t_right)
         exp_avg_sq = map_low_rank(exp_avg_sq, t_left, t_right, squared=True)
         state["moment_shape"] = list(exp_avg.shape)
-        self._store_moments(state, exp_avg, exp_avg_sq)
+        state["exp_avg_codes"], state["exp_avg_absmax"] = q8.quantize(exp_avg, signed=True)
+        state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"] = q8.quantize(exp_avg_sq, signed=False)
 
 
 class GaLoreAdafactor(GaLoreOptimizer):

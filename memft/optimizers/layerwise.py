@@ -41,7 +41,10 @@ Training-loop contract
 
 Gradient accumulation (``total > 1``) keeps, per parameter, one buffer across micro-batches: the
 projected low-rank gradient in fp32 for GaLore parameters, the full gradient (parameter dtype) for
-plain parameters only (norms, biases, and embeddings / LM head in the default groups). On a subspace
+plain parameters only (norms, biases, and embeddings / LM head in the default groups). Without
+accumulation nothing is summed, so a low-rank gradient held until ``step()`` (clipping) stays in the
+dtype the projection produced (the gradient dtype, e.g. bf16) and is converted to fp32 only when it
+is consumed, one parameter at a time: the same values at half the bytes for bf16 models. On a subspace
 refresh step the basis is computed, by default (``refresh_grad="first_micro_batch"``), from the first
 micro-batch's gradient of that step, and the later micro-batches are projected onto it (the summed
 full gradient never exists). ``refresh_grad="accumulated"`` instead accumulates the full gradient of
@@ -53,10 +56,16 @@ gradients of GaLore parameters and the full gradients of the others, with ``torc
 formula ``coef = min(1, max_norm / (norm + 1e-6))``. The global norm is only known after the last
 hook, so with clipping every update is deferred to ``step()``; the buffers held until then are the
 low-rank and plain-parameter gradients (held anyway under accumulation), never full GaLore
-gradients. Without GaLore parameters this is exactly ``clip_grad_norm_`` on ``.grad``; a GaLore
-parameter contributes its projected norm (at most its full norm), so clipping is slightly weaker
-than clipping full gradients. ``last_grad_norm`` holds the norm; ``accumulated_gradient_bytes()``
-the bytes currently held in buffers.
+gradients. Plain parameters are held too rather than stepped with a per-parameter clip, so the
+clipping stays global and exact (for Llama-2-7B that is the bf16 embedding and LM head, 0.49 GiB,
+beside 3.0 GiB of rank-1024 projected gradients). Low-rank gradients are scaled in fp32 as they are
+consumed; plain ones in place in their dtype, as ``clip_grad_norm_`` scales ``.grad``. Without GaLore
+parameters this is exactly ``clip_grad_norm_`` on ``.grad``; a GaLore parameter contributes its
+projected norm ``‖P(G)‖`` (at most its full norm ``‖G‖``), so clipping is slightly weaker than
+clipping full gradients. The projected norm is chosen because it is the only one available under
+accumulation (``‖Σ P(G_i)‖`` is known, ``‖Σ G_i‖`` is not) and it measures the update the optimizer
+actually takes. ``last_grad_norm`` holds the norm; ``accumulated_gradient_bytes()`` the bytes
+currently held in buffers.
 
 A wrapper (rather than a ``layerwise=True`` flag) keeps the hook, accumulation and clipping logic
 in one place for all GaLore-family algorithms, which only expose ``project_grad`` and
@@ -116,6 +125,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self.max_grad_norm = max_grad_norm
         self.refresh_grad = refresh_grad
         self.last_grad_norm: Tensor | None = None
+        self._clip_coef: Tensor | None = None
         self._ready = False
         super().__init__(self.optimizer.param_groups, self.optimizer.defaults)
         self._share_inner_state()
@@ -200,7 +210,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             if accumulate_full:
                 entry = _Pending(grad, projected=False)
             else:
-                entry = _Pending(self.optimizer.project_grad(param, grad, group).float(), projected=True)
+                low_grad = self.optimizer.project_grad(param, grad, group)
+                entry = _Pending(low_grad.float() if self._micro_total > 1 else low_grad, projected=True)
         elif entry.projected:
             entry.grad.add_(self.optimizer.project_grad(param, grad, group, allow_refresh=False))
         else:
@@ -222,19 +233,23 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         grad = self._consumed_grad(param)
         group = self.optimizer.param_groups[self._group_index[id(param)]]
         del self._pending[param]
+        if self._clip_coef is not None and self.optimizer.is_low_rank(param, group):
+            grad = grad.float().mul_(self._clip_coef)  # in place for fp32 accumulation buffers
         self.optimizer.apply_update(param, grad, group)
         self._stepped.add(id(param))
 
     @torch.no_grad()
     def _clip_pending(self) -> None:
-        grads = [self._consumed_grad(param) for param in self._pending]
+        """Global norm of the pending gradients; scales plain ones now, low-rank ones in :meth:`_apply`."""
+        grads = {param: self._consumed_grad(param) for param in self._pending}
         if not grads:
             return
-        norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])
+        norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads.values()])
         total = torch.linalg.vector_norm(norms)
-        coef = (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0)
-        for grad in grads:
-            grad.mul_(coef.to(grad.dtype))
+        self._clip_coef = (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0)
+        for param, grad in grads.items():
+            if not self.optimizer.is_low_rank(param, self.optimizer.param_groups[self._group_index[id(param)]]):
+                grad.mul_(self._clip_coef.to(grad.dtype))
         self.last_grad_norm = total
 
     @torch.no_grad()
@@ -248,6 +263,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             self._clip_pending()
         for param in list(self._pending):
             self._apply(param)
+        self._clip_coef = None
         self._stepped.clear()
         self._micro_index, self._micro_total = 0, 1
         return loss

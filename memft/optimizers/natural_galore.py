@@ -39,7 +39,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from memft.optimizers.galore import GaLoreAdamW
+from memft.optimizers.galore import DEFAULT_CHUNK_NUMEL, GaLoreAdamW
 from memft.optimizers.projector import LowRankProjector
 
 HISTORY_ON_REFRESH = ("clear", "keep")
@@ -94,9 +94,13 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
         damping: float = 1e-3,
         history_on_refresh: str = "clear",
         moments_on_refresh: str = "keep",
+        chunk_numel: int = DEFAULT_CHUNK_NUMEL,
     ) -> None:
         self._natural_defaults = {"history_size": history_size, "damping": damping, "history_on_refresh": history_on_refresh}
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, moments_on_refresh=moments_on_refresh)
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, moments_on_refresh=moments_on_refresh,
+            chunk_numel=chunk_numel,
+        )  # fmt: skip
         self.defaults.update(self._natural_defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -119,9 +123,7 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
             state["history_len"] = 0
             state["history_pos"] = 0
 
-    def _direction(self, param, grad, group, state, low_rank):
-        if not low_rank:
-            return self._adam(grad, group, state, param)
+    def _direction(self, param, grad, group, state, low_rank):  # only low-rank: plain parameters step in apply_update
         flat = grad.reshape(-1)
         if "history" not in state or state["history"].shape[1] != flat.numel():
             state["history"] = torch.zeros((group["history_size"], flat.numel()), dtype=param.dtype, device=flat.device)

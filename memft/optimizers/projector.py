@@ -13,7 +13,9 @@ The effective rank is ``min(rank, m, n)``: with ``rank >= min(m, n)`` the basis 
 orthogonal matrix and the projection is lossless.
 
 The project-back side is read from which bases are stored, never inferred from tensor shapes
-(a square low-rank tensor would make shape inference ambiguous).
+(a square low-rank tensor would make shape inference ambiguous). Optimizers apply the update with
+:meth:`LowRankProjector.add_project_back_`, an in-place ``addmm_`` into the weight, so the full-size
+``(m, n)`` update is never materialised.
 
 SVDs run in fp32. ``svd="exact"`` uses ``torch.linalg.svd``; if it fails to converge the matrix is
 retried with a tiny deterministic jitter, then with ``torch.svd_lowrank``. ``svd="randomized"`` is a
@@ -182,6 +184,24 @@ class LowRankProjector:
         if self.right is not None:
             out = out @ self.right
         return out
+
+    def add_project_back_(self, target: Tensor, low_rank: Tensor, alpha: float) -> None:
+        """``target += alpha * project_back(low_rank)`` in place, with no ``(m, n)`` temporary.
+
+        One ``addmm_`` into ``target`` (``(m, n)``): ``A R``, ``R B`` or ``A (R B)`` with ``R B`` of shape
+        ``(r, n)``. The product is accumulated and added before a single rounding to ``target.dtype``.
+        """
+        if not self.initialised:
+            raise RuntimeError("LowRankProjector.add_project_back_ called before refresh(); refresh it with a gradient first.")
+        low_rank = low_rank.to(target.dtype)
+        left = self.left.to(target.dtype) if self.left is not None else None
+        right = self.right.to(target.dtype) if self.right is not None else None
+        if left is not None and right is not None:
+            target.addmm_(left, low_rank @ right, alpha=alpha)
+        elif left is not None:
+            target.addmm_(left, low_rank, alpha=alpha)
+        else:
+            target.addmm_(low_rank, right, alpha=alpha)
 
     def transitions(self, old_left: Tensor | None, old_right: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
         """Matrices mapping a tensor in the old low-rank coordinates to the new ones.

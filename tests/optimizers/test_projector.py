@@ -74,6 +74,26 @@ def test_project_back_side_comes_from_stored_basis_for_square_low_rank():
     torch.testing.assert_close(projector.project_back(low), grad, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("proj_type", ["left", "right", "full"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_project_back_adds_the_projected_update(proj_type, dtype):
+    """``W += α · project_back(R)`` by addmm_ equals the fp64 sum to one rounding of W's dtype, in W's storage."""
+    gen = torch.Generator().manual_seed(4)
+    projector = LowRankProjector(rank=3, proj_type=proj_type)
+    projector.refresh(torch.randn(12, 7, generator=gen).to(dtype))
+    low = projector.project(torch.randn(12, 7, generator=gen).to(dtype))
+    weight = torch.randn(12, 7, generator=gen).to(dtype)
+    up = low.double()  # fp64 products of the stored (dtype) bases and low-rank tensor
+    up = projector.left.double() @ up if projector.left is not None else up
+    up = up @ projector.right.double() if projector.right is not None else up
+    expected = weight.double() - 0.3 * up
+    storage = weight.untyped_storage().data_ptr()
+    projector.add_project_back_(weight, low, alpha=-0.3)
+    assert weight.untyped_storage().data_ptr() == storage and weight.dtype == dtype
+    tolerance = {"atol": 1e-6, "rtol": 1e-6} if dtype == torch.float32 else {"atol": 2**-8, "rtol": 2**-8}
+    torch.testing.assert_close(weight.double(), expected, **tolerance)
+
+
 @pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right", "full"])
 def test_rank_at_least_min_dim_is_lossless(proj_type):
     grad = torch.randn(12, 7, generator=torch.Generator().manual_seed(3))
