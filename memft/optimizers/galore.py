@@ -193,8 +193,29 @@ class GaLoreOptimizer(torch.optim.Optimizer):
                     continue
                 if param.grad.is_sparse:
                     raise TypeError(f"{type(self).__name__} does not support sparse gradients; use dense embeddings.")
-                self.apply_update(param, self.project_grad(param, param.grad, group), group)
+                if _is_row_sharded(param):
+                    self._step_gathered(param, group)
+                else:
+                    self.apply_update(param, self.project_grad(param, param.grad, group), group)
         return loss
+
+    def _step_gathered(self, param: Tensor, group: dict[str, Any]) -> None:
+        """Step a parameter that FSDP2 shards by rows (a DTensor): gather the parameter and its (already
+        averaged) gradient, update the whole matrix on every process exactly as one process would, and
+        keep this process's rows. The SVD needs the whole gradient, so gathering is the price of
+        sharding: per step one all-gather of each gradient and parameter (the same volume as FSDP's own
+        forward gather), with one full parameter and gradient alive at a time. The optimizer state
+        (low-rank moments, projector) is computed identically everywhere and held by every process."""
+        full = param.full_tensor()
+        self.state[full] = self.state.pop(param, {})
+        try:
+            self.apply_update(full, self.project_grad(full, param.grad.full_tensor(), group), group)
+        finally:
+            self.state[param] = self.state.pop(full)
+        local = param.to_local()
+        rows = -(-full.shape[0] // param.device_mesh.size())  # torch.chunk's split, as FSDP2 uses
+        start = param.device_mesh.get_local_rank() * rows
+        local.copy_(full[start : start + local.shape[0]])
 
     # ----------------------------------------------------------------- checkpointing
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -217,6 +238,18 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             param = id_to_param[key]
             state[param] = _to_device(value, param.device)
         self.__setstate__({"state": state, "param_groups": new_groups})
+
+
+def _is_row_sharded(param: Tensor) -> bool:
+    """A DTensor sharded along dim 0 on a 1-D mesh (FSDP2's layout); other DTensor layouts are refused."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(param, DTensor):
+        return False
+    if tuple(param.placements) != (Shard(0),):
+        raise ValueError(f"GaLore optimizers step DTensors sharded by rows on one mesh dimension (FSDP2's "
+                         f"fully_shard); got placements {param.placements}. Use FSDP2 or DDP.")
+    return True
 
 
 def _fp32(x: Tensor) -> Tensor:

@@ -18,8 +18,6 @@ GALORE = ("galore_adamw", "galore_adamw8bit", "galore_adafactor", "natural_galor
 
 _LAYERWISE = ("steps each parameter inside backward, before the engine has reduced its gradient across "
               "processes (and FSDP/ZeRO hold only a shard of it); use optimizer.layerwise false")
-_GALORE_FSDP = ("projects whole weight-gradient matrices (SVD of the full m x n gradient), but FSDP2 hands the "
-                "optimizer row shards; use engine ddp, where every process projects the all-reduced gradient")
 _GALORE_ZERO = ("projects weight matrices, but ZeRO flattens the parameters of a group into 1-D partitions "
                 "before the optimizer sees them; use engine ddp")
 _MEZO_FSDP = ("draws one perturbation per whole parameter from a shared seed and needs no gradients, so "
@@ -37,7 +35,7 @@ REFUSED: dict[str, dict[str, str]] = {
     "optimizer.layerwise": {e: _LAYERWISE for e in ENGINES},
     "optimizer mezo": {"fsdp": _MEZO_FSDP, "deepspeed": _MEZO_ZERO},
     "optimizer adamw8bit": {"fsdp": _BNB_FSDP},
-    **{f"optimizer {name}": {"fsdp": _GALORE_FSDP, "deepspeed": _GALORE_ZERO} for name in GALORE},
+    **{f"optimizer {name}": {"deepspeed": _GALORE_ZERO} for name in GALORE},
     "adapter loram (quantize nf4)": {"fsdp": _NF4_SHARDED.format(engine="FSDP2"),
                                      "deepspeed": _NF4_SHARDED.format(engine="ZeRO")},
 }

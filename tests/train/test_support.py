@@ -51,7 +51,7 @@ def test_support_command_prints_the_matrix_and_reasons(capsys):
     out = capsys.readouterr().out
     assert matrix_markdown() in out
     assert "| optimizer mezo | yes | no | no |" in out
-    assert "optimizer galore_adamw with fsdp: it projects whole weight-gradient matrices" in out
+    assert "optimizer galore_adamw with deepspeed: it projects weight matrices" in out
 
 
 def test_refused_combination_exits_2_before_starting_processes(capsys, tmp_path):
