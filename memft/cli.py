@@ -102,6 +102,20 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def without_nproc(argv: list[str]) -> list[str]:
+    """The command line for the started processes: they need no --nproc (and torchrun, which reads the
+    line first, would take it for an abbreviation of its own --nproc-per-node)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
 def _launch_processes(nproc: int, argv: list[str]) -> int:
     """Re-run this very command under torch.distributed.run with `nproc` processes on this machine."""
     import subprocess
@@ -112,7 +126,7 @@ def _launch_processes(nproc: int, argv: list[str]) -> int:
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator, without probing for GPUs
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "memft.cli", *argv]
+               "-m", "memft.cli", *without_nproc(argv)]
     return subprocess.call(command, env=env)
 
 

@@ -73,3 +73,10 @@ def test_a_saved_recipe_with_default_engine_options_validates_again():
 
     dump = _recipe().model_dump(mode="json")
     assert validate_recipe(dump).distributed.engine == "none"
+
+
+def test_started_processes_get_the_command_line_without_nproc():
+    from memft.cli import without_nproc
+
+    assert without_nproc(["finetune", "r.yaml", "--nproc", "2", "a=1", "--nproc=4", "--overwrite"]) == [
+        "finetune", "r.yaml", "a=1", "--overwrite"]
