@@ -175,6 +175,8 @@ def cmd_memory(args) -> int:
             how = "measured on real tensors" if args.measure else "estimated on fake tensors (nothing allocated)"
             print(f"{report.name}: {how}, device {args.device}")
             print_report(report, gpus)
+            for note in report.notes:
+                print(f"note: {note}")
         if args.compare:
             print(comparison_markdown(reports))
     if args.out:

@@ -139,4 +139,10 @@ def recipe_memory(recipe: Recipe, config: str | None = None, device: str = "cuda
             report = setup.estimate(train_step=train_step, device=device)
     report.meta.update({"optimizer": recipe.optimizer.name, "adapter": recipe.adapter.name,
                         "activations": recipe.activations.name, "loss": recipe.loss.name})
+    engine = recipe.distributed.engine
+    if engine != "none":
+        report.notes.append(
+            f"This is one process's step without distributed.engine {engine}: every DDP process holds this much, "
+            "while FSDP and ZeRO shard parameters, gradients and optimizer state across processes. A short run "
+            "writes each process's measured peak (memory.json, memory-rank{r}.json).")
     return report

@@ -51,3 +51,10 @@ def test_memory_command_json_and_errors(capsys, tmp_path):
     assert "--gpu" in capsys.readouterr().err
     assert main(["memory", "quickstart", "--config", "no-such-model"]) == 2
     assert "Known configs" in capsys.readouterr().err
+
+
+def test_estimate_under_an_engine_says_it_is_one_process(capsys):
+    from memft.cli import main
+
+    assert main(["memory", "quickstart", "distributed.engine=fsdp", "--device", "cpu"]) == 0
+    assert "one process's step without distributed.engine fsdp" in capsys.readouterr().out
