@@ -53,10 +53,10 @@ OPTIONS = {
 }
 
 
-def run(overrides: tuple[str, ...], out: Path) -> dict:
-    common = ("train.max_steps={steps}", "train.log_every=1", "memory.track_steps=0", "train.eval_batches=1",
+def run(overrides: tuple[str, ...], out: Path, steps: int) -> dict:
+    common = (f"train.max_steps={steps}", "train.log_every=1", "memory.track_steps=0", "train.eval_batches=1",
               "data.train.max_examples=200", "train.warmup_steps=0")
-    args = [a.format(steps=STEPS) for a in common] + list(overrides) + [f"train.output_dir={out}"]
+    args = [*common, *overrides, f"train.output_dir={out}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "memft.cli", "finetune", "quickstart", *args], capture_output=True,
@@ -96,14 +96,13 @@ def _key(line: str) -> str:
 
 
 def main() -> None:
-    global STEPS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rows", nargs="*", help="only these row labels")
     parser.add_argument("--engines", nargs="*", default=list(ENGINES))
     parser.add_argument("--no-options", action="store_true", help="skip the engine-options section")
     args = parser.parse_args()
-    STEPS = args.steps
+    steps = args.steps
     selected = [r for r in rows() if not args.rows or r.label in args.rows]
     started = time.perf_counter()
     table = ["| method | " + " | ".join(args.engines) + " |", "|---|" + "---|" * len(args.engines)]
@@ -112,12 +111,12 @@ def main() -> None:
         root = Path(tmp)
         for i, row in enumerate(selected):
             overrides = row.overrides + EXTRA.get(row.label, ())
-            single = run(overrides + ("train.batch_size=8",), root / f"{i}-single")
+            single = run(overrides + ("train.batch_size=8",), root / f"{i}-single", steps)
             cells = []
             for engine in args.engines:
                 out = root / f"{i}-{engine}"
                 multi = run(overrides + ("train.batch_size=4", f"distributed.engine={engine}",
-                                         "distributed.nproc_per_node=2"), out)
+                                         "distributed.nproc_per_node=2"), out, steps)
                 if engine in REFUSED.get(row.label, {}):
                     verdict = "refused" if multi["rc"] == 2 else f"NOT REFUSED (rc {multi['rc']})"
                     text = ""
@@ -129,17 +128,17 @@ def main() -> None:
             table.append(f"| {row.label} | " + " | ".join(cells) + " |")
         options = []
         if not args.no_options:
-            reference = run(("train.batch_size=8",), root / "opt-single")
+            reference = run(("train.batch_size=8",), root / "opt-single", steps)
             for name, overrides in OPTIONS.items():
-                multi = run(overrides + ("train.batch_size=4", "distributed.nproc_per_node=2"), root / name)
+                multi = run(overrides + ("train.batch_size=4", "distributed.nproc_per_node=2"), root / name, steps)
                 verdict, text = compare(reference, multi, "optimizer adamw")
                 options.append(f"| {name} | {verdict} | {text} | {multi['seconds']:.0f} |")
                 print(options[-1], flush=True)
     import torch
 
     lines = ["# Distributed support matrix, run", "",
-             f"`python bench/distributed.py --steps {STEPS}` — torch {torch.__version__}, 2 processes with gloo on "
-             f"CPU, tiny Llama (`memft finetune quickstart`), {STEPS} steps, global batch 8; total "
+             f"`python bench/distributed.py --steps {steps}` — torch {torch.__version__}, 2 processes with gloo on "
+             f"CPU, tiny Llama (`memft finetune quickstart`), {steps} steps, global batch 8; total "
              f"{time.perf_counter() - started:.0f} s on a shared 2-core machine.", "",
              "A cell is `ok` when the 2-process run finishes, its loss falls and its per-step losses match the "
              "single-process run on the same global batch (relative difference ≤ 1e-4; compressors with "
@@ -158,6 +157,5 @@ def main() -> None:
     print(f"wrote {RESULTS}")
 
 
-STEPS = 3
 if __name__ == "__main__":
     main()

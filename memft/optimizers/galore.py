@@ -242,6 +242,8 @@ class GaLoreOptimizer(torch.optim.Optimizer):
 
 def _is_row_sharded(param: Tensor) -> bool:
     """A DTensor sharded along dim 0 on a 1-D mesh (FSDP2's layout); other DTensor layouts are refused."""
+    if type(param) in (Tensor, nn.Parameter):  # the usual case, without importing torch.distributed
+        return False
     from torch.distributed.tensor import DTensor, Shard
 
     if not isinstance(param, DTensor):

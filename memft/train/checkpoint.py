@@ -200,9 +200,9 @@ def load_checkpoint(path: Path, engine, model, optimizer, scheduler, processes) 
     """Restore model, optimizer, scheduler and RNG in place on every process; return the loop state."""
     state = json.loads((path / "state.json").read_text())
     saved_engine = state.get("engine", "none")
-    if {saved_engine, engine.name} - {"none", "ddp"}:  # none and ddp checkpoints are the same files
-        if saved_engine != engine.name:
-            raise RunError(f"--resume: checkpoint '{path}' was written by engine '{saved_engine}', but the recipe "
+    same_files = {saved_engine, engine.name} <= {"none", "ddp"}  # one process and DDP write the same files
+    if saved_engine != engine.name and not same_files:
+        raise RunError(f"--resume: checkpoint '{path}' was written by engine '{saved_engine}', but the recipe "
                            f"runs engine '{engine.name}'. Resume with distributed.engine={saved_engine}.")
     engine.load_state(path, model, optimizer, processes)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))

@@ -11,6 +11,11 @@ import pytest
 # steps and resumed to 4 sees the same schedule as an uninterrupted one.
 COMMON = ("train.log_every=1", "memory.track_steps=0", "train.eval_batches=1", "data.train.max_examples=300",
           "train.lr_schedule=constant", "train.warmup_steps=0")
+# GaLore with its subspace from the first (averaged) gradient, kept for the 4 steps: a resumed run must
+# restore it from the checkpoint. (A refresh later in the run is not compared: an SVD turns rounding-level
+# differences of the averaged gradient into a visibly different subspace when singular values sit close
+# at the cut.)
+GALORE = ("optimizer.name=galore_adamw", "optimizer.rank=16", "optimizer.update_proj_gap=3", "optimizer.lr=5e-3")
 
 
 def memft(*args: str, cwd, check: bool = True) -> subprocess.CompletedProcess:

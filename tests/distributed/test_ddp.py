@@ -3,12 +3,8 @@ resumes from its checkpoint."""
 
 import pytest
 
-from tests.distributed.conftest import single_process_losses
+from tests.distributed.conftest import GALORE, single_process_losses
 
-# Subspace from the first (averaged) gradient, kept for the 4 steps: the resumed run must restore it from the
-# checkpoint. (A refresh later in the run is not compared: an SVD turns rounding-level differences of the
-# averaged gradient into a visibly different subspace when singular values sit close at the cut.)
-GALORE = ("optimizer.name=galore_adamw", "optimizer.rank=16", "optimizer.update_proj_gap=3", "optimizer.lr=5e-3")
 MEZO = ("optimizer.name=mezo", "optimizer.lr=1e-3", "optimizer.eps=1e-2", "train.max_grad_norm=null")
 
 

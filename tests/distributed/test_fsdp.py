@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.distributed.conftest import single_process_losses
+from tests.distributed.conftest import GALORE, single_process_losses
 
 
 def test_fsdp_matches_single_process_and_resumes(tmp_path, run_two_processes):
@@ -38,8 +38,6 @@ def test_fsdp_galore_matches_single_process_and_resumes(tmp_path, run_two_proces
     """GaLore steps FSDP2's row shards by gathering each matrix: the subspace computed at step 0 comes
     from the whole averaged gradient, so the run equals one process on the whole batch, across a resume
     at step 2 from the sharded checkpoint (which holds the projector and the low-rank moments)."""
-    from tests.distributed.test_ddp import GALORE
-
     one = single_process_losses(tmp_path, *GALORE)
     two = run_two_processes("fsdp", *GALORE)
     for step, loss in one.items():

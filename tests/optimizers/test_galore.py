@@ -19,14 +19,6 @@ from memft.optimizers.natural_galore import NaturalGaLoreAdamW
 FP32 = {"atol": 1e-6, "rtol": 1e-6}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: deterministic reductions and no thread thrashing on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _side(proj_type: str, m: int, n: int) -> str:
     return {

@@ -20,13 +20,6 @@ FP32 = {"atol": 1e-6, "rtol": 1e-6}
 SMALL_CHUNK = 3 * q8.BLOCK_SIZE
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ---------------------------------------------------------------- block ranges
 @pytest.mark.parametrize("signed", [True, False])

@@ -16,14 +16,6 @@ FP32 = {"atol": 1e-6, "rtol": 1e-6}
 VOCAB = 192
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: deterministic reductions and no thread thrashing on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class TinyModel(nn.Module):
     def __init__(self):

@@ -9,14 +9,6 @@ from torch import nn
 from memft.optimizers.natural_galore import NaturalGaLoreAdamW, natural_gradient_of_row, woodbury_natural_gradient
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: deterministic reductions and no thread thrashing on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _direct(history: torch.Tensor, grad: torch.Tensor, damping: float) -> torch.Tensor:
     """(λI + GGᵀ)⁻¹ g with G = historyᵀ (k × s), by a dense fp64 solve."""

@@ -8,14 +8,6 @@ import torch
 from memft.optimizers.projector import LowRankProjector, map_low_rank
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: deterministic reductions and no thread thrashing on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _power_law_matrix(m: int, n: int, decay: float = 1.0, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
