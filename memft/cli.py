@@ -75,7 +75,18 @@ def _recipe_summary(path: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------ commands
+def _choose_deepspeed_accelerator() -> None:
+    """On machines without CUDA, tell DeepSpeed (imported by accelerate whenever it is installed) to use
+    its CPU accelerator, instead of letting it probe for GPUs and print a warning in every run. Set before
+    anything imports DeepSpeed; inherited by the processes `memft finetune` starts."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def cmd_finetune(args) -> int:
+    _choose_deepspeed_accelerator()
     from memft.train.loop import finetune
 
     overrides = list(args.overrides) + ([f"distributed.nproc_per_node={args.nproc}"] if args.nproc else [])
@@ -120,14 +131,9 @@ def _launch_processes(nproc: int, argv: list[str]) -> int:
     """Re-run this very command under torch.distributed.run with `nproc` processes on this machine."""
     import subprocess
 
-    import torch
-
-    env = dict(os.environ)
-    if not torch.cuda.is_available():
-        env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator, without probing for GPUs
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "memft.cli", *without_nproc(argv)]
-    return subprocess.call(command, env=env)
+    return subprocess.call(command)
 
 
 def cmd_validate(args) -> int:
