@@ -322,6 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     except MemftError as exc:
         print(f"memft {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        after = (" Checkpoints already written are kept; continue with --resume." if args.command == "finetune"
+                 else "")
+        print(f"memft {args.command}: interrupted (Ctrl-C), stopped at once.{after}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

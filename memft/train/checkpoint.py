@@ -1,4 +1,4 @@
-"""Checkpoints written atomically and read back safely, and the run directory's identity.
+"""Checkpoints: written atomically, verified before they are loaded, read back without pickle.
 
 A checkpoint is a directory `checkpoints/step-NNNNNNN/`:
     trainable.safetensors   trainable parameters (all weights for full fine-tuning, the adapter for LoRA)
@@ -6,93 +6,40 @@ A checkpoint is a directory `checkpoints/step-NNNNNNN/`:
     scheduler.pt            scheduler.state_dict()
     rng.pt                  torch / CUDA / Python / NumPy generator states as tensors (rng-rank{r}.pt
                             for the other processes)
-    state.json              step, data position, tokens seen, engine and process count
+    state.json              step, data position, tokens seen, metrics.jsonl size, engine, process count and
+                            the recipe
+    manifest.json           size and SHA-256 of every other file
 Engines that shard write their own share instead of the first two (memft.train.distributed): FSDP a
 torch.distributed.checkpoint directory `sharded/`, DeepSpeed `optimizer-rank{r}.pt` per process.
-It is written under a temporary name and renamed into place, then `checkpoints/latest` is replaced
-atomically; a crash mid-write leaves the previous checkpoint intact.
+
+Writing: every file goes into `.tmp-step-NNNNNNN/`, is fsynced, and the directory is renamed into place;
+then `checkpoints/latest` is replaced atomically. A crash mid-write leaves the earlier checkpoints intact; a
+failed write (a full disk) removes the partial directory and stops the run with a message.
+Loading: the manifest is checked first; a damaged checkpoint is skipped, with a message, for the newest
+intact one. Files are read with safetensors and `torch.load(weights_only=True)` only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from memft.errors import RunError
+from memft.train.run_dir import CHECKPOINTS, atomic_write_text, recipe_differences
 
-RUN_FILE = "run.json"
-RESUME_INDEPENDENT = {"train": {"max_steps", "log_every", "eval_every", "eval_batches", "save_every",
-                                "keep_checkpoints"}, "memory": {"report", "budget_gib"}}
-
-
-# ------------------------------------------------------------------------------------------ run dir
-def prepare_output_dir(output_dir: Path, recipe_dump: dict, resume: bool, overwrite: bool) -> None:
-    """Check (and create) the run directory before anything is loaded: an existing run is refused unless
-    --resume (same recipe) or --overwrite is given; a non-empty foreign directory is never written into."""
-    run_file = output_dir / RUN_FILE
-    if output_dir.exists() and not output_dir.is_dir():
-        raise RunError(f"train.output_dir '{output_dir}' exists and is not a directory. Choose another path.")
-    if run_file.exists():
-        if overwrite:
-            shutil.rmtree(output_dir)
-        elif resume:
-            previous = json.loads(run_file.read_text())["recipe"]
-            changed = _recipe_differences(previous, recipe_dump)
-            if changed:
-                raise RunError(f"train.output_dir '{output_dir}' holds a run of a different recipe "
-                               f"({', '.join(changed)} changed), so it cannot be resumed with this one. Use the "
-                               "original recipe, another output_dir, or --overwrite to start again.")
-        else:
-            raise RunError(f"train.output_dir '{output_dir}' already holds a run. Pass --resume to continue it, "
-                           "--overwrite to replace it, or set train.output_dir=<new directory>.")
-    elif output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise RunError(f"train.output_dir '{output_dir}' is not empty and holds no memft run; refusing to write "
-                       "into it. Choose an empty or new directory.")
-    elif resume:
-        raise RunError(f"--resume: train.output_dir '{output_dir}' holds no run to resume. Drop --resume to "
-                       "start a new run.")
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise RunError(f"train.output_dir '{output_dir}' is not writable ({exc.strerror}). Choose a directory "
-                       "you can write to.") from None
-
-
-def write_run_file(output_dir: Path, recipe_dump: dict) -> None:
-    """Mark the directory as holding a run of this recipe (checked by later --resume / new runs)."""
-    if not (output_dir / RUN_FILE).exists():
-        _atomic_write_text(output_dir / RUN_FILE, json.dumps({"recipe": recipe_dump}, indent=2))
-
-
-def _recipe_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    keys = sorted(set(old) | set(new))
-    out = []
-    for key in keys:
-        section = prefix.rstrip(".")
-        if key in RESUME_INDEPENDENT.get(section, ()):
-            continue
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _recipe_differences(a, b, f"{prefix}{key}.")
-        elif a != b and not (isinstance(a, list) and isinstance(b, tuple) and list(b) == a):
-            out.append(f"{prefix}{key}")
-    return out
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+MANIFEST = "manifest.json"
+STEP_DIR = re.compile(r"step-(\d{7})")
 
 
 # -------------------------------------------------------------------------------------- rng states
@@ -123,6 +70,25 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# ----------------------------------------------------------------------------------- reading files
+def load_tensors(path: Path):
+    """`torch.load(path, weights_only=True)`, with a RunError naming the file when it is damaged or holds
+    anything but tensors and plain values (memft never writes such a file, and never loads one)."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        raise RunError(f"'{path}' is not a memft checkpoint file: it holds Python objects other than tensors "
+                       "and plain values, which memft never writes, so it was not loaded. Resume from a "
+                       "checkpoint memft wrote.") from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise RunError(f"'{path}' cannot be read ({_first_line(exc)}); the file is damaged.") from exc
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
 # ------------------------------------------------------------------------------------- checkpoints
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
@@ -133,12 +99,24 @@ def save_trainable(model: torch.nn.Module, directory: Path) -> None:
 
 
 def load_trainable(model: torch.nn.Module, directory: Path) -> None:
-    weights = load_file(directory / "trainable.safetensors")
+    """Copy the checkpoint's trainable weights into `model`; refuse (naming them) names or shapes that
+    differ, before anything is copied."""
+    path = directory / "trainable.safetensors"
+    try:
+        weights = load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise RunError(f"'{path}' cannot be read ({_first_line(exc)}); the file is damaged.") from exc
     params = dict(model.named_parameters())
     missing = [n for n in weights if n not in params]
     if missing:
         raise RunError(f"--resume: checkpoint '{directory}' has parameters this model lacks ({missing[0]}, ...): "
                        "the recipe's model or adapter differs from the checkpoint's.")
+    shapes = [f"{n}: checkpoint {list(t.shape)}, model {list(params[n].shape)}" for n, t in weights.items()
+              if t.shape != params[n].shape]
+    if shapes:
+        raise RunError(f"--resume: checkpoint '{directory}' does not fit this model ({'; '.join(shapes[:2])}"
+                       f"{' ...' if len(shapes) > 2 else ''}): it was written by a recipe with another model or "
+                       "adapter shape. Resume with that recipe.")
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)
@@ -150,62 +128,184 @@ def _rng_file(rank: int) -> str:
 
 def save_checkpoint(ckpt_root: Path, step: int, engine, model, optimizer, scheduler, state: dict, keep: int,
                     processes) -> Path:
-    """Write checkpoint `step` with every process (each writes its share through `engine.save_state`);
-    the main process then renames it into place and updates `latest`."""
+    """Write checkpoint `step` with every process (each writes its share through `engine.save_state`); the
+    main process then writes the manifest, renames the directory into place, updates `latest` and prunes to
+    the newest `keep`. An OSError (a full disk) removes the partial checkpoint and raises a RunError."""
     final = ckpt_root / f"step-{step:07d}"
     tmp = ckpt_root / f".tmp-step-{step:07d}"
+    error = None
     if processes.is_main:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    processes.barrier()
-    engine.save_state(tmp, model, optimizer, processes)
-    torch.save(rng_state(), tmp / _rng_file(processes.rank))
-    processes.barrier()
+        error = _attempt(lambda: _fresh_directory(ckpt_root, tmp))
+    _agree(processes, error, tmp, step)
+    error = _attempt(lambda: (engine.save_state(tmp, model, optimizer, processes),
+                              torch.save(rng_state(), tmp / _rng_file(processes.rank))))
+    _agree(processes, error, tmp, step)
     if processes.is_main:
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "processes": processes.world,
-                                                    "engine": engine.name}, indent=2))
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as handle:
-                    os.fsync(handle.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _atomic_write_text(ckpt_root / "latest", final.name)
-        for old in sorted(ckpt_root.glob("step-*"))[:-keep]:
-            shutil.rmtree(old)
-    processes.barrier()
+        error = _attempt(lambda: _finish(ckpt_root, tmp, final, scheduler, state, step, keep, engine, processes))
+    _agree(processes, error, tmp, step)
     return final
 
 
-def find_checkpoint(output_dir: Path, resume: str | bool) -> Path:
-    """`resume=True` -> the latest checkpoint of output_dir; a string -> that checkpoint directory."""
+def _attempt(write) -> OSError | None:
+    try:
+        write()
+    except OSError as exc:
+        return exc
+    return None
+
+
+def _agree(processes, error: OSError | None, tmp: Path, step: int) -> None:
+    """Every process learns whether any failed; the main process removes the partial checkpoint; all raise."""
+    if not processes.sum(1.0 if error is not None else 0.0):
+        return
+    if processes.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    reason = f"{error.strerror or error}" if error is not None else "another process failed"
+    kept = sorted(p.name for p in tmp.parent.glob("step-*"))
+    raise RunError(f"Could not write the checkpoint of step {step} in '{tmp.parent}' ({reason}). The partial "
+                   f"checkpoint was removed; " + (f"the earlier checkpoints are intact (latest: {kept[-1]}). "
+                                                  if kept else "no earlier checkpoint exists. ") +
+                   "Free disk space (or fix the directory) and continue with --resume.") from error
+
+
+def _fresh_directory(root: Path, tmp: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+
+
+def _finish(root: Path, tmp: Path, final: Path, scheduler, state: dict, step: int, keep: int, engine,
+            processes) -> None:
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "processes": processes.world,
+                                                "engine": engine.name}, indent=2))
+    files = sorted(f for f in tmp.rglob("*") if f.is_file())
+    manifest = {"files": {f.relative_to(tmp).as_posix(): {"size": f.stat().st_size, "sha256": _sha256(f)}
+                          for f in files}}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    for f in files + [tmp / MANIFEST]:
+        with open(f, "rb") as handle:
+            os.fsync(handle.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_directory(root)
+    atomic_write_text(root / "latest", final.name)
+    for old in _step_directories(root)[keep:]:
+        shutil.rmtree(old)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def step_of(path: Path) -> int:
+    """The step of a checkpoint directory named step-NNNNNNN."""
+    return int(STEP_DIR.fullmatch(path.name)[1])
+
+
+def _step_directories(root: Path) -> list[Path]:
+    """Checkpoint directories, newest first."""
+    found = [p for p in root.glob("step-*") if p.is_dir() and STEP_DIR.fullmatch(p.name)]
+    return sorted(found, key=lambda p: p.name, reverse=True)
+
+
+# ---------------------------------------------------------------------------------------- verifying
+def damage(path: Path) -> str | None:
+    """What is wrong with checkpoint `path` (None when every file matches its manifest). Checkpoints of
+    memft versions without a manifest are checked for their state.json only."""
+    if not path.is_dir():
+        return "not a directory"
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        return _state_damage(path) or (None if (path / "state.json").is_file() else "state.json missing")
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+        entries = [(name, int(e["size"]), str(e["sha256"])) for name, e in files.items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return f"{MANIFEST} is unreadable ({_first_line(exc)})"
+    for name, size, digest in entries:
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        actual = file.stat().st_size
+        if actual != size:
+            return f"{name} has {actual:,} bytes, {size:,} were written"
+        if _sha256(file) != digest:
+            return f"{name} does not match the checksum recorded when it was written"
+    return _state_damage(path)
+
+
+def _state_damage(path: Path) -> str | None:
+    try:
+        state = json.loads((path / "state.json").read_text())
+        int(state["step"]), int(state["tokens_seen"]), dict(state["data"])
+    except FileNotFoundError:
+        return "state.json is missing"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"state.json is unreadable ({_first_line(exc)})"
+    return None
+
+
+def find_checkpoint(output_dir: Path, resume: str | bool) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from and notes for the user.
+
+    `resume=True` or "latest": the newest intact checkpoint of output_dir (damaged ones are skipped and
+    named in the notes); None when the run has written no checkpoint yet (it starts from step 0). A path:
+    that checkpoint, which must be intact.
+    """
     if isinstance(resume, str) and resume not in ("", "latest"):
         path = Path(resume)
-    else:
-        latest = output_dir / "checkpoints" / "latest"
-        if not latest.exists():
-            raise RunError(f"--resume: '{output_dir}' has no checkpoint yet (no checkpoints/latest). Start the "
-                           "run again without --resume, or with --overwrite.")
-        path = output_dir / "checkpoints" / latest.read_text().strip()
-    if not (path / "state.json").is_file():
-        raise RunError(f"--resume: '{path}' is not a complete memft checkpoint (state.json missing).")
-    return path
+        problem = damage(path)
+        if problem:
+            raise RunError(f"--resume: '{path}' is not an intact memft checkpoint ({problem}). Pass another "
+                           "checkpoint directory, or --resume alone for the newest intact one.")
+        return path, []
+    root = output_dir / CHECKPOINTS
+    candidates = _step_directories(root) if root.is_dir() else []
+    if not candidates:
+        return None, [f"'{output_dir}' has no checkpoint yet (the run stopped before its first save); starting "
+                      "it from step 0."]
+    notes = []
+    for path in candidates:
+        problem = damage(path)
+        if problem is None:
+            if notes:
+                notes.append(f"Resuming from {path.name}, the newest intact checkpoint.")
+            return path, notes
+        notes.append(f"Checkpoint {path.name} is damaged ({problem}); skipped.")
+    raise RunError(f"--resume: no checkpoint in '{root}' is intact: " + " ".join(notes) +
+                   " Start the run again with --overwrite.")
 
 
-def load_checkpoint(path: Path, engine, model, optimizer, scheduler, processes) -> dict:
-    """Restore model, optimizer, scheduler and RNG in place on every process; return the loop state."""
+def load_checkpoint(path: Path, engine, model, optimizer, scheduler, processes, recipe_dump: dict) -> dict:
+    """Restore model, optimizer, scheduler and RNG in place on every process; return the loop state.
+    A checkpoint of another recipe or engine is refused before anything is restored."""
     state = json.loads((path / "state.json").read_text())
+    changed = recipe_differences(state["recipe"], recipe_dump) if "recipe" in state else []
+    if changed:
+        raise RunError(f"--resume: checkpoint '{path}' was written by a different recipe ({', '.join(changed)} "
+                       "changed). Resume it with its own recipe, or start a new run.")
     saved_engine = state.get("engine", "none")
     same_files = {saved_engine, engine.name} <= {"none", "ddp"}  # one process and DDP write the same files
     if saved_engine != engine.name and not same_files:
         raise RunError(f"--resume: checkpoint '{path}' was written by engine '{saved_engine}', but the recipe "
-                           f"runs engine '{engine.name}'. Resume with distributed.engine={saved_engine}.")
+                       f"runs engine '{engine.name}'. Resume with distributed.engine={saved_engine}.")
     engine.load_state(path, model, optimizer, processes)
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    scheduler.load_state_dict(load_tensors(path / "scheduler.pt"))
     rng = path / _rng_file(processes.rank)
-    set_rng_state(torch.load(rng if rng.is_file() else path / "rng.pt", weights_only=True))
+    set_rng_state(load_tensors(rng if rng.is_file() else path / "rng.pt"))
     return state

@@ -129,10 +129,15 @@ class Engine:
             torch.save(optimizer.state_dict(), directory / "optimizer.pt")
 
     def load_state(self, directory: Path, model, optimizer, processes: Processes) -> None:
-        from memft.train.checkpoint import load_trainable
+        from memft.train.checkpoint import load_tensors, load_trainable
 
         load_trainable(self.unwrap(model), directory)
-        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+        state = load_tensors(directory / "optimizer.pt")
+        try:
+            optimizer.load_state_dict(state)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise RunError(f"--resume: the optimizer state in '{directory}' does not fit this recipe's optimizer "
+                           f"({exc}). Resume with the recipe that wrote it.") from exc
 
     def full_state_dict(self, model) -> dict[str, torch.Tensor] | None:
         """The whole model's weights for `final/` on the main process (None: use the model's own)."""
@@ -286,7 +291,7 @@ class DeepSpeedEngine(Engine):
         torch.save(_plain(model.optimizer.state_dict()), directory / f"optimizer-rank{processes.rank}.pt")
 
     def load_state(self, directory, model, optimizer, processes):
-        from memft.train.checkpoint import load_trainable
+        from memft.train.checkpoint import load_tensors, load_trainable
 
         path = directory / f"optimizer-rank{processes.rank}.pt"
         if not path.is_file():
@@ -294,7 +299,7 @@ class DeepSpeedEngine(Engine):
                            f"{processes.rank} ({path.name}); resume with the engine and process count that "
                            "wrote it.")
         load_trainable(self.unwrap(model), directory)
-        state = torch.load(path, weights_only=True)
+        state = load_tensors(path)
         # ZeRO reads entry `dp_rank` of a list holding every process's partition.
         model.optimizer.load_state_dict([state] * processes.world, load_from_fp32_weights=True)
 

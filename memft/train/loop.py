@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -21,7 +24,7 @@ from pathlib import Path
 import torch
 
 from memft.errors import RunError
-from memft.train import builders, checkpoint
+from memft.train import builders, checkpoint, run_dir
 from memft.train.distributed import current_processes, engine_for
 from memft.train.data import BatchOrder, Splits, build_splits, collate
 from memft.train.models import load_model, load_tokenizer, max_positions
@@ -68,9 +71,20 @@ class Trainer:
         self.engine = engine_for(recipe)
         self.accelerator = self.engine.accelerator(on_cpu)
         self.processes = procs = current_processes()
+        self.lock = None
         if procs.is_main:
-            checkpoint.prepare_output_dir(self.out, recipe.model_dump(mode="json"), bool(resume), overwrite)
+            self.lock, notes = run_dir.prepare(self.out, recipe.model_dump(mode="json"), bool(resume), overwrite)
+            self._say(*notes)
         procs.barrier()
+        try:
+            self._load(recipe)
+        except BaseException:
+            self._release()
+            raise
+
+    def _load(self, recipe: Recipe) -> None:
+        """Model, data, methods, engine and optimizer; the run directory is already locked."""
+        t, procs = recipe.train, self.processes
         torch.manual_seed(t.seed)
         self.tokenizer = load_tokenizer(recipe.model)
         model = load_model(recipe.model)
@@ -173,7 +187,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ the run
     def _loop_state(self) -> dict:
-        return {"data": self.order.state_dict(), "tokens_seen": self.tokens_seen}
+        return {"data": self.order.state_dict(), "tokens_seen": self.tokens_seen,
+                "metrics_bytes": run_dir.metrics_size(self.out), "recipe": self.recipe.model_dump(mode="json")}
 
     def save(self) -> None:
         """Checkpoint the current step; every process writes its share (memft.train.distributed)."""
@@ -182,16 +197,38 @@ class Trainer:
                                    self.processes)
 
     def _resume(self, resume: str | bool) -> None:
-        path = checkpoint.find_checkpoint(self.out, resume)
+        """Restore the newest intact checkpoint (the main process chooses it and says why), or start from
+        step 0 when the run wrote none; metrics.jsonl is cut back to what it held at that checkpoint."""
+        procs, path, error, code = self.processes, None, None, 0.0
+        explicit = isinstance(resume, str) and resume not in ("", "latest")
+        if procs.is_main:  # code for the other processes: 0 failed, 1 no checkpoint, 2 explicit, 3 + step
+            try:
+                path, notes = checkpoint.find_checkpoint(self.out, resume)
+                self._say(*notes)
+                code = 1.0 if path is None else 2.0 if explicit else 3.0 + checkpoint.step_of(path)
+            except RunError as exc:
+                error = exc
+        code = procs.sum(code)
+        if code == 0:
+            raise error or RunError("--resume: the main process found no checkpoint to resume; see its message.")
+        if not procs.is_main:
+            path = (None if code == 1 else Path(resume) if explicit
+                    else self.out / "checkpoints" / f"step-{int(code) - 3:07d}")
+        if path is None:
+            if procs.is_main:
+                run_dir.rewind_metrics(self.out, 0, 0)
+            return
         state = checkpoint.load_checkpoint(path, self.engine, self.model, self.optimizer, self.scheduler,
-                                           self.processes)
+                                           self.processes, self.recipe.model_dump(mode="json"))
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.order.load_state_dict(state["data"])
+        if procs.is_main:
+            run_dir.rewind_metrics(self.out, state.get("metrics_bytes"), self.step)
 
     def run(self) -> RunResult:
         t = self.recipe.train
         if self.processes.is_main:
-            checkpoint.write_run_file(self.out, self.recipe.model_dump(mode="json"))
+            run_dir.write_run_file(self.out, self.recipe.model_dump(mode="json"))
         self.processes.barrier()
         if self.resume:
             self._resume(self.resume)
@@ -232,18 +269,37 @@ class Trainer:
             signal.signal(signal.SIGINT, previous_handler)
             if metrics:
                 metrics.close()
+            self._release()
         result.steps = self.step
         return result
+
+    def _release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _say(self, *notes: str) -> None:
+        """Notes for the user, printed by the main process before training (stderr, like warnings)."""
+        for note in notes:
+            print(f"memft: {note}", file=sys.stderr)
 
     def _request_stop(self, signum, frame) -> None:
         if self._stop_requested:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         self._stop_requested = True
+        if self.processes.is_main:
+            self._say("Ctrl-C: stopping after this step and saving a checkpoint; press Ctrl-C again to stop at "
+                      "once (the latest checkpoint is kept).")
 
     def _write(self, handle, record: dict) -> None:
         if handle is not None and record:
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
+            try:
+                handle.write(json.dumps(record) + "\n")
+                handle.flush()
+            except OSError as exc:
+                raise RunError(f"Could not write '{handle.name}' ({exc.strerror}); training stopped. The "
+                               "checkpoints already written are intact: free disk space and continue with "
+                               "--resume.") from exc
 
     def _save_final(self) -> None:
         """`final/`: a directory `from_pretrained` (or `PeftModel.from_pretrained`) loads."""
@@ -253,13 +309,25 @@ class Trainer:
         model = self.engine.unwrap(self.model)
         for undo in reversed(self.prepared.undo):
             undo()
-        if self.prepared.save_final is not None:
-            self.prepared.save_final(model, str(self.out / "final"), state_dict=full_state)
-        elif full_state is not None:
-            model.save_pretrained(self.out / "final", state_dict=full_state, safe_serialization=True)
-        else:
-            model.save_pretrained(self.out / "final", safe_serialization=True)
-        self.tokenizer.save_pretrained(self.out / "final")
+        tmp, final = self.out / ".tmp-final", self.out / "final"
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            if self.prepared.save_final is not None:
+                self.prepared.save_final(model, str(tmp), state_dict=full_state)
+            elif full_state is not None:
+                model.save_pretrained(tmp, state_dict=full_state, safe_serialization=True)
+            else:
+                model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RunError(f"Could not write the final model to '{final}' ({exc.strerror}). The last checkpoint "
+                           f"in '{self.out / 'checkpoints'}' holds the trained weights: free disk space and run "
+                           "the same command with --resume to write final/ again.") from exc
 
 
 class _RunMemory:

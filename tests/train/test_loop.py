@@ -78,10 +78,10 @@ def test_foreign_or_unwritable_output_dirs(tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("precious")
-    with pytest.raises(RunError, match="holds no memft run"):
+    with pytest.raises(RunError, match="holds files memft did not write"):
         Trainer(validate_recipe(tiny_recipe(foreign)))
     assert (foreign / "thesis.tex").read_text() == "precious"
-    with pytest.raises(RunError, match="holds no run to resume"):
+    with pytest.raises(RunError, match="no run to resume"):
         Trainer(validate_recipe(tiny_recipe(tmp_path / "new")), resume=True)
 
 
