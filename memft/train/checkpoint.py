@@ -279,16 +279,15 @@ def find_checkpoint(output_dir: Path, resume: str | bool) -> tuple[Path | None, 
     if not candidates:
         return None, [f"'{output_dir}' has no checkpoint yet (the run stopped before its first save); starting "
                       "it from step 0."]
-    notes = []
+    damaged = []
     for path in candidates:
         problem = damage(path)
         if problem is None:
-            if notes:
-                notes.append(f"Resuming from {path.name}, the newest intact checkpoint.")
-            return path, notes
-        notes.append(f"Checkpoint {path.name} is damaged ({problem}); skipped.")
-    raise RunError(f"--resume: no checkpoint in '{root}' is intact: " + " ".join(notes) +
-                   " Start the run again with --overwrite.")
+            notes = [f"{d}; skipped." for d in damaged]
+            return path, notes + ([f"Resuming from {path.name}, the newest intact checkpoint."] if damaged else [])
+        damaged.append(f"Checkpoint {path.name} is damaged ({problem})")
+    raise RunError(f"--resume: no checkpoint in '{root}' is intact: " + ". ".join(damaged) +
+                   ". Start the run again with --overwrite.")
 
 
 def load_checkpoint(path: Path, engine, model, optimizer, scheduler, processes, recipe_dump: dict) -> dict:
