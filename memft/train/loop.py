@@ -93,6 +93,8 @@ class Trainer:
             raise RunError(f"data.max_seq_len={recipe.data.max_seq_len} exceeds the model's limit of {limit} "
                            f"positions. Set data.max_seq_len to at most {limit}.")
         self.splits: Splits = build_splits(recipe.data, self.tokenizer, t.seed)
+        if procs.is_main:
+            self._say(*self.splits.notes)
         self.prepared = builders.prepare_model(model, recipe, self._calibration_batches())
         built: dict = {}
 

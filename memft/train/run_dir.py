@@ -35,7 +35,7 @@ RUN_FILE = "run.json"
 LOCK_FILE = ".memft.lock"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
-_OWNED_FILES = re.compile(r"run\.json|\.memft\.lock|metrics\.jsonl|\.run\.json\.tmp-\d+"
+_OWNED_FILES = re.compile(r"run\.json|\.memft\.lock|metrics\.jsonl|\.(run\.json|metrics\.jsonl)\.tmp-\d+"
                           r"|memory(-rank\d+)?\.(json|md|png)")
 _OWNED_DIRS = {CHECKPOINTS, "final", ".tmp-final"}
 _OWNED_IN_CHECKPOINTS = re.compile(r"(\.tmp-)?step-\d{7}|latest|\.latest\.tmp-\d+")
@@ -138,9 +138,10 @@ def prepare(output_dir: Path, recipe_dump: dict, resume: bool, overwrite: bool) 
 
 
 def _check_existing_run(output_dir: Path, recipe_dump: dict, resume: bool, overwrite: bool) -> list[str]:
-    for partial in [*(output_dir / CHECKPOINTS).glob(".tmp-step-*"), output_dir / ".tmp-final"]:
-        if partial.exists():  # left by a run killed while writing; the lock says no one writes it now
-            _remove(partial)
+    # Partial files of a killed run (the lock says no one is writing them now).
+    partials = [p for p in (output_dir / CHECKPOINTS).glob(".*tmp-*") if _OWNED_IN_CHECKPOINTS.fullmatch(p.name)]
+    for partial in partials + [p for p in output_dir.glob(".*tmp-*") if is_owned(p)]:
+        _remove(partial)
     run_file = output_dir / RUN_FILE
     if not run_file.exists():
         remove_owned(output_dir)  # leftovers of a start that failed before its run began (no run.json)
