@@ -25,7 +25,7 @@ def test_recipes_and_validate(capsys):
     (["validate", "quickstart", "optimizer.lr=fast"], "optimizer.lr: Input should be a valid number"),
     (["validate", "quickstart", "trian.max_steps=3"], "Did you mean 'train'?"),
     (["finetune", "quickstart", "model.name_or_path=/nonexistent/model", "train.output_dir={tmp}/r"],
-     "model.name_or_path: cannot load the tokenizer"),
+     "model.name_or_path: local directory '/nonexistent/model' does not exist"),
     (["finetune", "quickstart", "data.train.path={tmp}/missing.jsonl", "train.output_dir={tmp}/r"],
      "data.train.path: file"),
     (["finetune", "quickstart", "data.max_seq_len=5000", "train.output_dir={tmp}/r"],

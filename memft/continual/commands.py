@@ -75,7 +75,7 @@ def build_tasks(section) -> list:
 
 
 def cmd_continual(args) -> int:
-    from memft.cli import resolve_recipe
+    from memft.recipe_files import resolve_recipe
     from memft.continual.harness import CHECKPOINT, run_task_sequence
     from memft.continual.recipe import load_continual_recipe
 
@@ -105,7 +105,7 @@ def cmd_continual(args) -> int:
 
 
 def cmd_edit(args) -> int:
-    from memft.cli import resolve_recipe
+    from memft.recipe_files import resolve_recipe
     from memft.continual.editing import evaluate_edits, load_edits, locality_reference, run_edit_sequence
     from memft.continual.recipe import BUNDLED_EDITS, load_edit_recipe
     from memft.continual.wise import WISE, WISEOptions

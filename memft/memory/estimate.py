@@ -428,6 +428,22 @@ class HFTrainingSetup:
             )
 
 
+def _check_model_type(raw: Mapping[str, Any]) -> None:
+    """Refuse a model type transformers does not ship in one sentence (its own error lists every known type)."""
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    model_type = raw["model_type"]
+    if isinstance(model_type, str) and model_type in CONFIG_MAPPING:
+        return
+    custom = " (the config has an auto_map: the model needs its own code)" if "auto_map" in raw else ""
+    raise ValueError(
+        f"model_type {str(model_type)[:200]!r} is not an architecture transformers {transformers.__version__} "
+        f"ships{custom}. Estimates build shipped architectures only: pass a shipped config "
+        f"({', '.join(list_configs())}) or the config.json of a known architecture."
+    )
+
+
 def hf_training_setup(
     config: str | os.PathLike | Mapping[str, Any],
     dtype: str | torch.dtype | None = None,
@@ -442,6 +458,7 @@ def hf_training_setup(
     num_labels: int = 2,
     model_transform: Callable[[nn.Module], nn.Module | None] | None = None,
     name: str | None = None,
+    attn_implementation: str | None = None,
 ) -> HFTrainingSetup:
     """Builders for full fine-tuning of a Hugging Face architecture given only its config.
 
@@ -457,6 +474,7 @@ def hf_training_setup(
         task: "causal-lm", "seq2seq-lm" or "sequence-classification" (``num_labels`` classes); inferred
             from the config (encoder-decoder -> seq2seq, BERT-like -> classification, else causal).
         model_transform: ``(model) -> model or None`` applied after building (LoRA, loss patches, freezing).
+        attn_implementation: the attention kernel ("eager", "sdpa", ...); default transformers' choice.
     """
     from transformers import (
         AutoConfig,
@@ -472,6 +490,7 @@ def hf_training_setup(
     raw = load_config(config)
     if "model_type" not in raw:
         raise ValueError("config has no 'model_type' key: pass a Hugging Face config.json (or a shipped name).")
+    _check_model_type(raw)
     torch_dtype = _resolve_dtype(dtype, raw)
     fields = {k: v for k, v in raw.items() if k not in ("model_type", "torch_dtype", "dtype", "transformers_version")}
     hf_config = AutoConfig.for_model(raw["model_type"], **fields)
@@ -490,7 +509,8 @@ def hf_training_setup(
     build_optimizer = _build_optimizer(optimizer, optimizer_kwargs or {})
 
     def build_model() -> nn.Module:
-        model = auto.from_config(hf_config, **{dtype_kwarg: torch_dtype})
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        model = auto.from_config(hf_config, **{dtype_kwarg: torch_dtype}, **extra)
         if gradient_checkpointing:
             _enable_checkpointing(model)
         if model_transform is not None:

@@ -80,6 +80,9 @@ class Engine:
     """Single process and DDP: accelerate prepares the model (and, for backprop, the optimizer)."""
 
     name = "none"
+    # Autocast and fp16 loss scaling are done by the step (memft.train.step), not by accelerate, so that
+    # the planner runs the same step; engines that cast parameters themselves (FSDP, DeepSpeed) say False.
+    step_owns_precision = True
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
@@ -87,7 +90,7 @@ class Engine:
     def accelerator(self, on_cpu: bool):
         from accelerate import Accelerator
 
-        self._accelerator = Accelerator(cpu=on_cpu, mixed_precision=self.recipe.train.mixed_precision)
+        self._accelerator = Accelerator(cpu=on_cpu)
         return self._accelerator
 
     def prepare(self, accelerator, model: torch.nn.Module, build_plan):
@@ -113,10 +116,17 @@ class Engine:
     def backward(self, accelerator, model, loss: torch.Tensor, processes: Processes) -> None:
         accelerator.backward(loss * processes.world)
 
-    def step(self, accelerator, model, optimizer, max_grad_norm: float | None) -> None:
+    def step(self, accelerator, model, optimizer, max_grad_norm: float | None, scaler=None) -> None:
+        """Clip, step and zero the gradients; with an fp16 `scaler`, unscale first and let it skip the step
+        on overflow (the step updates the scaler)."""
+        if scaler is not None:
+            scaler.unscale_(optimizer)
         if max_grad_norm is not None:
             accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)
+        else:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     # checkpoints ------------------------------------------------------------------------------
@@ -153,6 +163,7 @@ class FSDPEngine(Engine):
     sharding is done here, the same way on CPU and GPU)."""
 
     name = "fsdp"
+    step_owns_precision = False  # MixedPrecisionPolicy casts the parameters
 
     def accelerator(self, on_cpu: bool):
         from accelerate import Accelerator
@@ -190,7 +201,7 @@ class FSDPEngine(Engine):
     def backward(self, accelerator, model, loss, processes):
         (loss * processes.world).backward()
 
-    def step(self, accelerator, model, optimizer, max_grad_norm):
+    def step(self, accelerator, model, optimizer, max_grad_norm, scaler=None):
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
@@ -235,6 +246,7 @@ class DeepSpeedEngine(Engine):
     (backward with the accumulation boundary, then `engine.step()`, which clips, steps and zeroes)."""
 
     name = "deepspeed"
+    step_owns_precision = False  # the DeepSpeed config's bf16 section casts the parameters
 
     def config(self) -> dict:
         r, options = self.recipe, self.recipe.distributed.deepspeed
@@ -280,7 +292,7 @@ class DeepSpeedEngine(Engine):
     def backward(self, accelerator, model, loss, processes):
         model.backward(loss * processes.world, scale_wrt_gas=False)
 
-    def step(self, accelerator, model, optimizer, max_grad_norm):
+    def step(self, accelerator, model, optimizer, max_grad_norm, scaler=None):
         model.step()  # clipping comes from the DeepSpeed config
 
     def save_state(self, directory, model, optimizer, processes):

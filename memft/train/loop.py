@@ -2,10 +2,8 @@
 
     recipe -> model (+ adapter, compressors, loss patch) -> data -> optimizer plan -> steps -> checkpoints
 
-Each optimizer step consumes `grad_accum` micro-batches. The loss of a micro-batch is its token-loss sum
-divided by the number of trainable tokens in the whole step (`num_items_in_batch`, as HF does), so the
-accumulated gradient equals the gradient of the step's mean loss exactly. How the step is driven comes
-from the optimizer plan (`backprop`, `zeroth_order`, `in_backward`; see memft.train.builders).
+Each optimizer step is `memft.train.step.StepDriver.step` (grad_accum micro-batches, token-normalised loss,
+autocast, the plan's step kind), the same step the planner estimates.
 """
 
 from __future__ import annotations
@@ -30,6 +28,7 @@ from memft.train.data import BatchOrder, Splits, build_splits, collate
 from memft.train.models import load_model, load_tokenizer, max_positions
 from memft.train.progress import Progress
 from memft.train.recipe import Recipe
+from memft.train.step import StepDriver, count_items
 
 
 @dataclass
@@ -40,16 +39,6 @@ class RunResult:
     eval: dict | None = None
     peak_bytes: int | None = None
     interrupted: bool = False
-
-
-def count_items(micro_batches: list[dict]) -> int:
-    """Trainable tokens after the causal shift (labels[:, 1:] != -100)."""
-    return int(sum((b["labels"][:, 1:] != -100).sum() for b in micro_batches))
-
-
-def micro_batch_loss(model, batch: dict, num_items: int) -> torch.Tensor:
-    """Token-loss sum of this micro-batch divided by `num_items` (the whole step's trainable tokens)."""
-    return model(**batch, num_items_in_batch=num_items).loss
 
 
 class Trainer:
@@ -105,6 +94,7 @@ class Trainer:
 
         self.model, self.plan = self.engine.prepare(self.accelerator, self.prepared.model, build_plan)
         self.optimizer, self.scheduler = self.plan.optimizer, built["scheduler"]
+        self.driver = StepDriver.for_recipe(recipe, self.plan.step_kind, self.engine, self.accelerator, procs)
         self.order = BatchOrder(len(self.splits.train), t.batch_size, t.seed, procs.rank, procs.world)
         self.step, self.tokens_seen, self._stop_requested = 0, 0, False
         self.memory = _RunMemory(recipe, self.engine.unwrap(self.model), built["optimizer"], self.accelerator.device,
@@ -125,43 +115,16 @@ class Trainer:
                 for _ in range(self.recipe.train.grad_accum)]
 
     def train_step(self, micro: list[dict]) -> float:
-        """One optimizer step over `micro`; returns the step's mean token loss."""
-        acc, model, opt, procs, engine = self.accelerator, self.model, self.optimizer, self.processes, self.engine
-        micro = [{k: v.to(acc.device) for k, v in b.items()} for b in micro]
-        # Normalise by the trainable tokens of the whole step on all processes; the engines average
-        # gradients over processes, so each process scales its share by the process count (Engine.backward).
-        n_items = int(procs.sum(count_items(micro)))
-        if self.plan.step_kind == "zeroth_order":
-            def closure() -> float:
-                with torch.no_grad():
-                    local = float(sum(micro_batch_loss(model, b, n_items) for b in micro))
-                return procs.sum(local)
-            # Forward-only steps run in eval mode (no dropout) unless the recipe asks otherwise, so that
-            # both perturbed passes see the same function.
-            model.train(getattr(self.recipe.optimizer, "dropout", False))
-            loss = float(opt.step(closure))
-            model.train()
-        else:
-            total = 0.0
-            for i, batch in enumerate(micro):
-                if self.plan.step_kind == "in_backward":
-                    opt.set_micro_batch(i, len(micro))
-                with engine.micro_batch(acc, model, i == len(micro) - 1, procs):
-                    loss = micro_batch_loss(model, batch, n_items)
-                    engine.backward(acc, model, loss, procs)
-                total += loss.detach().float().item()
-            loss = procs.sum(total)
-            if self.plan.step_kind == "backprop":
-                engine.step(acc, model, opt, self.recipe.train.max_grad_norm)
-            else:  # in_backward: parameters stepped (and clipped) inside backward; this finishes the step
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+        """One optimizer step over `micro` (memft.train.step); returns the step's mean token loss."""
+        micro = [{k: v.to(self.accelerator.device) for k, v in b.items()} for b in micro]
+        loss = float(self.driver.step(self.model, self.optimizer, micro))
         if not math.isfinite(loss):
             raise RunError(f"The loss became {loss} at step {self.step + 1}; training stopped. The last good "
                            f"checkpoint in '{self.out / 'checkpoints'}' is kept. Lower optimizer.lr, enable "
                            "train.max_grad_norm, or use bfloat16/float32.")
-        if not getattr(opt, "step_was_skipped", False):
+        if not self.driver.skipped:
             self.scheduler.step()
+        procs = self.processes
         self.tokens_seen += int(procs.sum(float(sum(b["attention_mask"].sum() for b in micro))))
         return loss
 
@@ -180,7 +143,7 @@ class Trainer:
             batch = {k: v.to(acc.device) for k, v in collate(mine[start: start + t.batch_size], pad).items()}
             n = count_items([batch])
             if n:
-                total += micro_batch_loss(self.model, batch, n).float().item() * n
+                total += self.driver.loss(self.model, batch, n).float().item() * n
                 count += n
         self.model.train()
         total, count = procs.sum(total), int(procs.sum(count))
@@ -189,7 +152,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ the run
     def _loop_state(self) -> dict:
-        return {"data": self.order.state_dict(), "tokens_seen": self.tokens_seen,
+        return {"data": self.order.state_dict(), "tokens_seen": self.tokens_seen, **self.driver.state_dict(),
                 "metrics_bytes": run_dir.metrics_size(self.out), "recipe": self.recipe.model_dump(mode="json")}
 
     def save(self) -> None:
@@ -224,6 +187,7 @@ class Trainer:
                                            self.processes, self.recipe.model_dump(mode="json"))
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.order.load_state_dict(state["data"])
+        self.driver.load_state_dict(state)
         if procs.is_main:
             run_dir.rewind_metrics(self.out, state.get("metrics_bytes"), self.step)
 

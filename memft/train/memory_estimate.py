@@ -1,13 +1,14 @@
 """Peak training memory of a recipe, estimated on fake tensors or measured on real ones (`memft memory`).
 
-The recipe's own builders run: the model is built from its config (no weights are read), the adapter,
-compressors and loss patch are applied by `builders.prepare_model`, the optimizer comes from
-`builders.build_optimizer`, and the step is the one the training loop would take for that optimizer
-(backprop, zeroth-order or in-backward). Batches are full length (`data.max_seq_len`), the worst case.
+The recipe's own builders run: the model is built from its config (no weights are read) with the recipe's
+attention kernel, the adapter, compressors and loss patch are applied by `builders.prepare_model`, the
+optimizer comes from `builders.build_optimizer`, and each step is the training loop's own
+(`memft.train.step.StepDriver`). Batches are full length (`data.max_seq_len`), the worst case.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +20,9 @@ from memft.errors import RecipeError
 from memft.memory import MemoryReport, hf_training_setup, list_configs
 from memft.train import builders
 from memft.train.models import resolve_model_path
+from memft.train.distributed import Engine
 from memft.train.recipe import Recipe
+from memft.train.step import StepDriver
 
 
 def recipe_config(recipe: Recipe, config: str | None) -> str | dict:
@@ -34,29 +37,6 @@ def recipe_config(recipe: Recipe, config: str | None) -> str | dict:
     raise RecipeError(f"model.name_or_path '{recipe.model.name_or_path}' is not a local directory with a "
                       f"config.json, so its architecture is unknown offline. Pass --config with a shipped config "
                       f"({', '.join(list_configs())}) or a path to a config.json.")
-
-
-def _step_for(kind: str):
-    """The training loop's step for an optimizer plan kind, as `(model, batch, optimizer) -> None`."""
-    def backprop(model, batch, optimizer):
-        loss = model(**batch).loss
-        loss.backward()
-        del loss
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    def in_backward(model, batch, optimizer):
-        optimizer.set_micro_batch(0, 1)
-        model(**batch).loss.backward()
-        optimizer.step()
-
-    def zeroth_order(model, batch, optimizer):
-        model.eval()
-        with torch.no_grad():
-            optimizer.step(lambda: model(**batch).loss)
-        model.train()
-
-    return {"backprop": backprop, "in_backward": in_backward, "zeroth_order": zeroth_order}[kind]
 
 
 @contextmanager
@@ -109,14 +89,19 @@ def _refuse_unestimable(recipe: Recipe) -> None:
 
 def recipe_memory(recipe: Recipe, config: str | None = None, device: str = "cuda", measure: bool = False,
                   name: str | None = None) -> MemoryReport:
-    """Estimated (or, with `measure`, measured) peak of two training steps of `recipe`."""
+    """Estimated (or, with `measure`, measured) peak of two optimizer steps of `recipe`, each the training
+    loop's own step (memft.train.step.StepDriver): `train.grad_accum` full-length micro-batches, autocast per
+    `train.mixed_precision`, clipping and the optimizer's step kind, one process's engine."""
     if not measure:
         _refuse_unestimable(recipe)
-    kind: dict[str, str] = {}
+    t = recipe.train
+    engine = Engine(recipe)  # one process's step, whatever distributed.engine says (noted below)
+    accelerator = engine.accelerator(on_cpu=True)
+    driver: dict[str, StepDriver] = {}
 
     def build_optimizer(model):
         plan = builders.build_optimizer(model, recipe)
-        kind["step"] = plan.step_kind
+        driver["step"] = StepDriver.for_recipe(recipe, plan.step_kind, engine, accelerator)
         return plan.optimizer
 
     def transform(model):
@@ -124,19 +109,32 @@ def recipe_memory(recipe: Recipe, config: str | None = None, device: str = "cuda
 
     builders.check_compatibility(recipe)
     try:
-        setup = hf_training_setup(recipe_config(recipe, config), recipe.model.dtype, recipe.train.batch_size,
+        setup = hf_training_setup(recipe_config(recipe, config), recipe.model.dtype, t.batch_size,
                                   recipe.data.max_seq_len, build_optimizer, recipe.model.gradient_checkpointing,
-                                  model_transform=transform, name=name)
+                                  model_transform=transform, name=name,
+                                  attn_implementation=recipe.model.attn_implementation)
     except (ValueError, TypeError, OSError) as exc:
-        raise RecipeError(f"the model config cannot be built: {exc}") from None
-    def train_step(model, batch, optimizer):  # the optimizer (and so its plan) is built before any step
-        _step_for(kind["step"])(model, batch, optimizer)
+        raise RecipeError(f"the model config cannot be built: {exc}") from exc
+    one_batch = setup.make_batch
+    tokens = t.grad_accum * t.batch_size * (recipe.data.max_seq_len - 1)  # every label trained, after the shift
 
+    def micro_batches() -> list[dict]:
+        # Labels in their own tensor, as the loop's collate makes them. No attention mask: on the loop's
+        # all-ones mask transformers skips the mask, which it cannot see on fake tensors.
+        batches = [one_batch() for _ in range(t.grad_accum)]
+        return [{"input_ids": b["input_ids"], "labels": b["labels"].clone()} for b in batches]
+
+    def train_step(model, micro, optimizer):
+        driver["step"].step(model, optimizer, micro, num_items=tokens)
+
+    setup = dataclasses.replace(setup, make_batch=micro_batches)
     with _module_to_without_swaps():
         if measure:
             report = setup.measure(train_step=train_step, device=device)
         else:
             report = setup.estimate(train_step=train_step, device=device)
+    report.meta.update({"grad_accum": t.grad_accum, "mixed_precision": t.mixed_precision,
+                        "attn_implementation": recipe.model.attn_implementation})
     report.meta.update({"optimizer": recipe.optimizer.name, "adapter": recipe.adapter.name,
                         "activations": recipe.activations.name, "loss": recipe.loss.name})
     engine = recipe.distributed.engine

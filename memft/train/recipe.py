@@ -342,19 +342,30 @@ class Recipe(Section):
 
 
 # ------------------------------------------------------------------------------- loading and errors
+MAX_YAML_NODES = 10_000  # a recipe has a few hundred; more means an alias bomb or a file that is no recipe
+QUOTE_CHARS = 200  # longest user value quoted in an error
+MAX_LISTED_PROBLEMS = 20
+
+
+def shorten(text: str, limit: int = QUOTE_CHARS) -> str:
+    """`text` cut to `limit` characters with "…", so a hostile value cannot flood an error message."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b.c=value` -> (["a", "b", "c"], value), the value typed by YAML (`lr=1e-3` stays a string and
     pydantic converts it, `r=8` is an int, `packing=true` a bool, `x=null` None, `l=[a, b]` a list)."""
+    quoted = shorten(text)
     if "=" not in text:
-        raise RecipeError(f"Override '{text}' is not of the form key=value (for example train.max_steps=50).")
+        raise RecipeError(f"Override '{quoted}' is not of the form key=value (for example train.max_steps=50).")
     key, raw = text.split("=", 1)
     parts = key.strip().split(".")
     if not all(parts):
-        raise RecipeError(f"Override '{text}' has an empty key part; write dotted keys like optimizer.lr=1e-3.")
+        raise RecipeError(f"Override '{quoted}' has an empty key part; write dotted keys like optimizer.lr=1e-3.")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw, f"Override '{quoted}'") if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise RecipeError(f"Override '{text}': the value is not valid YAML ({exc.problem}).") from None
+        raise RecipeError(f"Override '{quoted}': the value is not valid YAML ({shorten(str(exc.problem))}).") from exc
     return parts, value
 
 
@@ -367,31 +378,84 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                where = ".".join(parts[: i + 1])
-                raise RecipeError(f"Override '{text}': '{where}' is a value, not a section, so it has no keys.")
+                where = shorten(".".join(parts[: i + 1]))
+                raise RecipeError(f"Override '{shorten(text)}': '{where}' is a value, not a section, so it has no "
+                                  "keys.")
             node = child
         node[parts[-1]] = value
     return data
 
 
+def _load_yaml(text: str, subject: str) -> Any:
+    """`yaml.safe_load`, refusing before construction a document that expands to more than MAX_YAML_NODES
+    nodes (each alias counted as a copy of its anchor: the "billion laughs" bomb), nests too deeply, or
+    holds an unconvertible scalar. `subject` starts the error message ("Recipe file 'x.yaml'")."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, MAX_YAML_NODES, {}, set()) > MAX_YAML_NODES:
+            raise RecipeError(f"{subject} expands to more than {MAX_YAML_NODES:,} YAML nodes (aliases counted as "
+                              "copies of their anchors), but a recipe has a few hundred. Remove the repeated "
+                              "aliases (*name) or write the values out.")
+        return loader.construct_document(node)
+    except RecursionError as exc:
+        raise RecipeError(f"{subject} nests too deeply to be a recipe.") from exc
+    except ValueError as exc:  # a scalar YAML resolves but cannot convert: 2024-13-01, a 5,000-digit int
+        raise RecipeError(f"{subject} holds a value YAML cannot convert: {shorten(str(exc))} (quote it if "
+                          "it is meant as text).") from exc
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, limit: int, sizes: dict, open_nodes: set) -> int:
+    """Nodes under `node` with aliases expanded, counted up to just past `limit`; a recursive alias is infinite."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        return limit + 1
+    open_nodes.add(key)
+    children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                else node.value if isinstance(node, yaml.SequenceNode) else [])
+    total = 1
+    for child in children:
+        total += _expanded_size(child, limit, sizes, open_nodes)
+        if total > limit:
+            break
+    open_nodes.discard(key)
+    sizes[key] = total
+    return total
+
+
 def load_recipe_data(path: str | Path) -> dict:
+    """The recipe file's top-level mapping, before overrides and validation."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"Recipe file '{path}' does not exist or is not a file. Check the path, or run "
                           "`memft recipes` to list the shipped recipes.")
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
-        raise RecipeError(f"Recipe file '{path}' cannot be read: {exc.strerror}.") from None
+        raise RecipeError(f"Recipe file '{path}' cannot be read: {exc.strerror}.") from exc
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise RecipeError(f"Recipe file '{path}' is not UTF-8 text: byte 0x{raw[exc.start]:02x} at offset "
+                          f"{exc.start} (line {line}) cannot be decoded. Save the recipe as UTF-8 YAML.") from exc
+    try:
+        data = _load_yaml(text, f"Recipe file '{path}'")
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise RecipeError(f"Recipe file '{path}' is not valid YAML{where}: {problem}.") from None
-    if data is None:
-        data = {}
+        raise RecipeError(f"Recipe file '{path}' is not valid YAML{where}: {shorten(problem)}.") from exc
+    if data is None or data == {}:
+        raise RecipeError(f"Recipe file '{path}' is empty (no settings), so it would train every default. Start "
+                          "from a shipped recipe: `memft recipes` lists them; copy one, or run one by name with "
+                          "key=value overrides (memft finetune quickstart train.max_steps=50).")
     if not isinstance(data, dict):
         raise RecipeError(f"Recipe file '{path}' must hold a mapping of sections (model, data, optimizer, ...), "
                           f"not a {type(data).__name__}.")
@@ -409,14 +473,17 @@ def validate_recipe(data: dict, source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        lines = [_describe(err) for err in exc.errors()]
-        raise RecipeError(f"{source} has {len(lines)} problem{'s' * (len(lines) > 1)}:\n"
-                          + "\n".join(f"  - {line}" for line in lines)) from None
+        errors = exc.errors()
+        lines = [shorten(_describe(err), 3 * QUOTE_CHARS) for err in errors[:MAX_LISTED_PROBLEMS]]
+        if len(errors) > MAX_LISTED_PROBLEMS:
+            lines.append(f"... and {len(errors) - MAX_LISTED_PROBLEMS} more")
+        raise RecipeError(f"{source} has {len(errors)} problem{'s' * (len(errors) > 1)}:\n"
+                          + "\n".join(f"  - {line}" for line in lines)) from exc
 
 
 def _describe(err: dict) -> str:
     loc, parent = _walk(err["loc"])
-    path = ".".join(str(p) for p in loc) or "(top level)"
+    path = shorten(".".join(str(p) for p in loc)) or "(top level)"
     kind, ctx = err["type"], err.get("ctx", {})
     if kind == "extra_forbidden":
         known = _keys_of(parent)
@@ -427,10 +494,11 @@ def _describe(err: dict) -> str:
         options = [o.strip(" '") for o in str(ctx.get("expected_tags", "")).split(",") if o.strip()]
         close = difflib.get_close_matches(str(ctx.get("tag")), options, n=1, cutoff=0.5)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        return f"{path}.name: '{ctx.get('tag')}' is not a known method; choose one of {', '.join(options)}.{hint}"
+        return (f"{path}.name: '{shorten(str(ctx.get('tag')))}' is not a known method; choose one of "
+                f"{', '.join(options)}.{hint}")
     if kind == "missing":
         return f"{path}: required key is missing."
-    return f"{path}: {err['msg']} (got {err.get('input')!r})."
+    return f"{path}: {shorten(err['msg'])} (got {shorten(repr(err.get('input')))})."
 
 
 def _walk(loc: tuple) -> tuple[tuple, Any]:

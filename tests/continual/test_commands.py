@@ -105,7 +105,7 @@ def test_bad_edit_records_name_the_line(tmp_path, capsys):
 
 
 def test_shipped_recipes_validate():
-    from memft.cli import RECIPES_DIR
+    from memft.recipe_files import RECIPES_DIR
 
     recipe = load_continual_recipe(RECIPES_DIR / "continual.yaml")
     assert recipe.method.name == "mora" and recipe.method.input_subspace_energy == 0.95

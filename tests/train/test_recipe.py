@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from memft.cli import RECIPES_DIR, shipped_recipes
+from memft.recipe_files import RECIPES_DIR, shipped_recipes
 from memft.errors import RecipeError
 from memft.train.builders import check_compatibility
 from memft.train.recipe import apply_overrides, load_recipe, parse_override, validate_recipe

@@ -1,0 +1,50 @@
+"""Recipe files: a YAML path or the name of a shipped recipe, and which command runs it (its `kind`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from memft.errors import RecipeError
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+def resolve_recipe(name_or_path: str) -> Path:
+    """A path to a YAML file, or the name of a shipped recipe (without .yaml)."""
+    path = Path(name_or_path)
+    if path.exists() or path.suffix in (".yaml", ".yml"):
+        return path
+    shipped = RECIPES_DIR / f"{name_or_path}.yaml"
+    if shipped.exists():
+        return shipped
+    raise RecipeError(f"Recipe '{name_or_path}' is neither a file nor a shipped recipe. Shipped recipes: "
+                      f"{', '.join(shipped_recipes())}.")
+
+
+def shipped_recipes(kind: str | None = None) -> list[str]:
+    """Names of the shipped recipes, optionally only those of one kind (finetune, continual, edit)."""
+    names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    return [n for n in names if kind is None or recipe_kind(RECIPES_DIR / f"{n}.yaml") == kind]
+
+
+def recipe_kind(path: Path) -> str:
+    """A recipe's top-level `kind`: 'finetune' (no `kind`), 'continual' or 'edit'."""
+    from memft.train.recipe import load_recipe_data
+
+    kind = load_recipe_data(path).get("kind", "finetune")
+    if kind not in ("finetune", "continual", "edit"):
+        raise RecipeError(f"Recipe '{path}': kind '{kind}' is not known; use 'continual', 'edit', or no kind for a "
+                          "fine-tuning recipe.")
+    return kind
+
+
+def load_finetune_recipe(name_or_path: str, overrides: list[str]):
+    """The fine-tuning recipe behind a name or path; a continual or edit recipe is pointed to its command."""
+    from memft.train.recipe import load_recipe
+
+    path = resolve_recipe(name_or_path)
+    kind = recipe_kind(path) if path.is_file() else "finetune"
+    if kind != "finetune":
+        raise RecipeError(f"Recipe '{name_or_path}' is a {kind} recipe (kind: {kind}); run it with "
+                          f"`memft {kind} {name_or_path}`.")
+    return load_recipe(path, overrides)
