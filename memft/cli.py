@@ -123,7 +123,7 @@ def cmd_memory(args) -> int:
     try:
         gpus = [get_gpu(args.gpu)] if args.gpu else None
     except ValueError as exc:
-        raise RecipeError(f"--gpu: {exc}") from None
+        raise RecipeError(f"--gpu: {exc}") from exc
     names = [args.recipe] + list(args.compare or [])
     reports = {}
     for name in names:
@@ -174,7 +174,7 @@ def cmd_loram_export(args) -> int:
         result = export_recovered(resolve_model_path(recipe.model.name_or_path), run / "final", None, out,
                                   merge=not args.no_merge)
     except ValueError as exc:
-        raise RecipeError(f"loram export: {exc}") from None
+        raise RecipeError(f"loram export: {exc}") from exc
     print(f"Recovered adapter: {result.adapter_dir}" + (f"\nMerged model: {result.merged_dir}"
                                                          if result.merged_dir else ""))
     return 0

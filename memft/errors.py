@@ -5,8 +5,9 @@ class MemftError(Exception):
     """Base class: the message says what is wrong, where (key or file) and how to fix it."""
 
 
-class RecipeError(MemftError):
-    """The recipe or an override is invalid."""
+class RecipeError(MemftError, ValueError):
+    """The recipe or an override is invalid (a ValueError, so Python callers of the HF entry points catch it
+    as one)."""
 
 
 class DataError(MemftError):

@@ -76,7 +76,7 @@ def build_tasks(section) -> list:
 
 def cmd_continual(args) -> int:
     from memft.recipe_files import resolve_recipe
-    from memft.continual.harness import CHECKPOINT, run_task_sequence
+    from memft.continual.harness import CHECKPOINT, build_method, run_task_sequence
     from memft.continual.recipe import load_continual_recipe
 
     recipe = load_continual_recipe(resolve_recipe(args.recipe), args.overrides)
@@ -91,12 +91,11 @@ def cmd_continual(args) -> int:
     tasks = build_tasks(recipe.tasks)
     model, tokenizer = _load_model(recipe.model)
     train = {**recipe.train.model_dump(), "device": _device(recipe.train.device)}
-    options = recipe.method.model_dump(exclude={"name"})
-    try:
-        result = run_task_sequence(model, tokenizer, tasks, recipe.method.name, options, train, output_dir=out,
-                                   resume=args.resume)
+    try:  # options are checked here; a failure inside the run is not a recipe error
+        method = build_method(recipe.method.name, recipe.method.model_dump(exclude={"name"}))
     except ValueError as exc:
-        raise RecipeError(f"{recipe.method.name}: {exc}") from None
+        raise RecipeError(f"method ({recipe.method.name}): {exc}") from exc
+    result = run_task_sequence(model, tokenizer, tasks, method, None, train, output_dir=out, resume=args.resume)
     m = result.metrics
     print(f"{recipe.method.name} on {', '.join(result.task_names)}: average accuracy {m['average_accuracy']:.3f}, "
           f"BWT {m['bwt']:+.3f}, forgetting {m['forgetting']:.3f}, FWT {m['fwt']:+.3f}. Results in {out} "
@@ -118,14 +117,14 @@ def cmd_edit(args) -> int:
     try:
         edits = load_edits(path, recipe.edits.limit)
     except ValueError as exc:
-        raise RecipeError(f"edits.limit: {exc} Lower edits.limit or remove it.") from None
+        raise RecipeError(f"edits.limit: {exc} Lower edits.limit or remove it.") from exc
     model, tokenizer = _load_model(recipe.model)
     model = model.to(_device(recipe.device)).eval()
     reference = locality_reference(model, tokenizer, edits)
     try:
         editor = WISE(model, tokenizer, WISEOptions(**recipe.wise.model_dump()))
     except ValueError as exc:
-        raise RecipeError(f"wise: {exc}") from None
+        raise RecipeError(f"wise: {exc}") from exc
     run_edit_sequence(editor, edits)
     scores = evaluate_edits(model, tokenizer, edits, reference)
     out = Path(recipe.output_dir)

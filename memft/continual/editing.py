@@ -56,7 +56,7 @@ def load_edits(path: str | Path | None = None, limit: int | None = None) -> list
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"edit file '{path}', line {number}: not valid JSON ({exc.msg}). Each line must be "
-                            "one JSON object.") from None
+                            "one JSON object.") from exc
         if not isinstance(record, dict):
             raise DataError(f"edit file '{path}', line {number}: a JSON object is needed, got "
                             f"{type(record).__name__}.")

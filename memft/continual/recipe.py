@@ -224,7 +224,7 @@ def _load(schema: type[Section], path: str | Path | None, overrides: list[str] |
     except ValidationError as exc:
         lines = [_describe(schema, err) for err in exc.errors()]
         raise RecipeError(f"{source} has {len(lines)} problem{'s' * (len(lines) > 1)}:\n"
-                          + "\n".join(f"  - {line}" for line in lines)) from None
+                          + "\n".join(f"  - {line}" for line in lines)) from exc
 
 
 def _describe(schema: type[BaseModel], err: dict) -> str:

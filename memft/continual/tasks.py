@@ -67,7 +67,7 @@ def _read_jsonl(path: Path) -> list[dict]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
                 raise DataError(f"task file '{path}', line {number}: not valid JSON ({exc.msg}). Each line must "
-                                "be one JSON object.") from None
+                                "be one JSON object.") from exc
     return rows
 
 

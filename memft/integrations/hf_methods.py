@@ -24,7 +24,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from memft.errors import RecipeError
 from memft.train import builders
 from memft.train.recipe import Recipe, validate_recipe
 
@@ -41,10 +40,7 @@ def _as_dict(spec: Mapping[str, Any]) -> dict[str, Any]:
 def _validate_spec(spec: Mapping[str, Any]) -> Recipe:
     """The spec as a validated :class:`~memft.train.recipe.Recipe` (sections it omits take their defaults)."""
     data = _as_dict(spec)
-    try:
-        return validate_recipe(data, source="spec")
-    except RecipeError as exc:
-        raise ValueError(str(exc)) from None
+    return validate_recipe(data, source="spec")
 
 
 def _mark(optimizer: torch.optim.Optimizer, plan: builders.OptimizerPlan, recipe: Recipe) -> torch.optim.Optimizer:
@@ -87,10 +83,7 @@ def apply_memft(model: nn.Module, spec: Mapping[str, Any],
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a transformers model), got {type(model).__name__}.")
     recipe = _validate_spec(spec)
-    try:
-        prepared = builders.prepare_model(model, recipe, calibration)
-    except RecipeError as exc:
-        raise ValueError(str(exc)) from None
+    prepared = builders.prepare_model(model, recipe, calibration)
     return prepared.model, MemftHandle(list(prepared.notes), prepared.save_final, list(prepared.undo))
 
 
@@ -124,10 +117,7 @@ def memft_optimizer(model: nn.Module, spec: Mapping[str, Any],
 def _build(model: nn.Module, recipe: Recipe) -> builders.OptimizerPlan:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-    try:
-        return builders.build_optimizer(model, recipe)
-    except RecipeError as exc:
-        raise ValueError(str(exc)) from None
+    return builders.build_optimizer(model, recipe)
 
 
 class MemftOptimizerFactory:

@@ -252,7 +252,7 @@ class PruningPlan:
             mlp = {i: tensors[f"layers.{i}.mlp.kept_neurons"] for i in layers}
             kv = {i: tensors[f"layers.{i}.self_attn.kept_kv_heads"] for i in layers}
         except KeyError as err:
-            raise ValueError(f"{tensor_path} lacks tensor {err} named by pruned_layers in {json_path}.") from None
+            raise ValueError(f"{tensor_path} lacks tensor {err} named by pruned_layers in {json_path}.") from err
         return cls(
             dims=ModelDims(**meta["dims"]),
             mlp_kept=mlp,

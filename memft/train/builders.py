@@ -54,7 +54,7 @@ def _apply_lora(prepared: PreparedModel, section, calibration) -> None:
     try:
         prepared.model = get_peft_model(prepared.model, config)
     except ValueError as exc:
-        raise RecipeError(f"adapter.target_modules: {exc}") from None
+        raise RecipeError(f"adapter.target_modules: {exc}") from exc
 
 
 def _apply_loram(prepared: PreparedModel, section, calibration) -> None:
@@ -70,8 +70,8 @@ def _apply_loram(prepared: PreparedModel, section, calibration) -> None:
             calibration=calibration if section.prune_method == "taylor" else None,
             r=section.r, lora_alpha=section.alpha, lora_dropout=section.dropout,
             target_modules=list(section.target_modules))
-    except (ValueError, RuntimeError) as exc:
-        raise RecipeError(f"adapter (loram): {exc}") from None
+    except ValueError as exc:  # a bad option; runtime failures (out of memory) are not recipe errors
+        raise RecipeError(f"adapter (loram): {exc}") from exc
     prepared.model = model
     prepared.save_final = lambda m, directory, state_dict=None: save_loram_adapter(m, plan, directory, state_dict)
     prepared.notes.append(f"LoRAM: pruned to {sum(p.numel() for p in model.parameters()):,} parameters; recover "
@@ -85,7 +85,7 @@ def _cut_cross_entropy(prepared: PreparedModel, section) -> None:
     try:
         handle = patch_loss(prepared.model, "cut_cross_entropy", impl=section.impl)
     except ValueError as exc:
-        raise RecipeError(f"loss (cut_cross_entropy): {exc}") from None
+        raise RecipeError(f"loss (cut_cross_entropy): {exc}") from exc
     prepared.undo.append(handle.undo)
 
 
@@ -98,7 +98,7 @@ def _compress_activations(prepared: PreparedModel, section) -> None:
     try:
         handle = compress_activations(prepared.model, section.name, **options)
     except ValueError as exc:
-        raise RecipeError(f"activations ({section.name}): {exc}") from None
+        raise RecipeError(f"activations ({section.name}): {exc}") from exc
     prepared.undo.append(handle.undo)
     prepared.notes.append(f"activations: {section.name} on {len(handle.changes)} modules")
 
@@ -177,8 +177,8 @@ def _adamw(model, s) -> OptimizerPlan:
 def _adamw8bit(model, s) -> OptimizerPlan:
     try:
         import bitsandbytes as bnb
-    except ImportError:
-        raise RecipeError("optimizer.name adamw8bit needs bitsandbytes: pip install 'memft[bnb]'.") from None
+    except ImportError as exc:
+        raise RecipeError("optimizer.name adamw8bit needs bitsandbytes: pip install 'memft[bnb]'.") from exc
     return OptimizerPlan(bnb.optim.AdamW8bit(_decay_groups(model, s.weight_decay), lr=s.lr, betas=s.betas,
                                              eps=s.eps))
 

@@ -262,8 +262,8 @@ class DeepSpeedEngine(Engine):
     def accelerator(self, on_cpu: bool):
         try:
             import deepspeed  # noqa: F401
-        except ImportError:
-            raise RecipeError("distributed.engine deepspeed needs DeepSpeed: pip install 'memft[deepspeed]'.") from None
+        except ImportError as exc:
+            raise RecipeError("distributed.engine deepspeed needs DeepSpeed: pip install 'memft[deepspeed]'.") from exc
         from accelerate import Accelerator
         from accelerate.utils import DeepSpeedPlugin
 
