@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from memft.train.support import ENGINES, REFUSED, rows
+from memft.train.support import ENGINES, rows
 
 RESULTS = Path(__file__).parent / "results" / "distributed.md"
 # Settings a row needs on the tiny model beyond its method name.
@@ -117,7 +117,7 @@ def main() -> None:
                 out = root / f"{i}-{engine}"
                 multi = run(overrides + ("train.batch_size=4", f"distributed.engine={engine}",
                                          "distributed.nproc_per_node=2"), out, steps)
-                if engine in REFUSED.get(row.label, {}):
+                if engine in row.refused:
                     verdict = "refused" if multi["rc"] == 2 else f"NOT REFUSED (rc {multi['rc']})"
                     text = ""
                 else:

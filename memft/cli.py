@@ -187,14 +187,14 @@ def cmd_recipes(args) -> int:
 
 
 def cmd_support(args) -> int:
-    from memft.train.support import ENGINES, REFUSED, matrix_markdown
+    from memft.train.support import ENGINES, matrix_markdown, rows
 
     print(matrix_markdown())
     print("\nRefused combinations are stopped before anything is loaded, with the reason:")
-    for row, engines in REFUSED.items():
+    for row in rows():
         for engine in ENGINES:
-            if engine in engines:
-                print(f"  - {row} with {engine}: it {engines[engine]}.")
+            if engine in row.refused:
+                print(f"  - {row.label} with {engine}: it {row.refused[engine]}.")
     return 0
 
 

@@ -29,11 +29,11 @@ def shipped_recipes(kind: str | None = None) -> list[str]:
 
 def recipe_kind(path: Path) -> str:
     """A recipe's top-level `kind`: 'finetune' (no `kind`), 'continual' or 'edit'."""
-    from memft.train.recipe import load_recipe_data
+    from memft.train.recipe import load_recipe_data, shorten
 
     kind = load_recipe_data(path).get("kind", "finetune")
     if kind not in ("finetune", "continual", "edit"):
-        raise RecipeError(f"Recipe '{path}': kind '{kind}' is not known; use 'continual', 'edit', or no kind for a "
+        raise RecipeError(f"Recipe '{path}': kind {shorten(repr(kind))} is not known; use 'continual', 'edit', or no kind for a "
                           "fine-tuning recipe.")
     return kind
 

@@ -18,6 +18,17 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="session")
+def single_thread():
+    """Every test, and every module- or session-scoped fixture, runs on one intra-op thread: the tiny models
+    here issue many small ops, and on a loaded 2-core machine OpenMP hand-offs between threads would
+    dominate the time (and reductions stay in one order). Restored when the session ends."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_recipe(output_dir, **sections) -> dict:
     """A recipe dict for a seconds-long run of the bundled tiny Llama."""
     recipe = {

@@ -51,9 +51,12 @@ class MesaCompressor(Compressor):
         return recompute_forward(site, self.codec), self._label()
 
 
+MESA_BITS = (2, 4, 8)  # code widths Mesa stores (8 in the paper; 2 and 4 for experiments)
+
+
 def mesa_codec(bits: int = 8, group_size: int = 64, rounding: str = "stochastic", momentum: float = 0.9) -> RangeCodec:
     """Validated :class:`RangeCodec` with Mesa's defaults."""
-    if bits not in (2, 4, 8):
+    if bits not in MESA_BITS:
         raise ValueError(f"bits={bits!r}: Mesa stores 8-bit codes (2 and 4 are allowed for experiments); use bits=8.")
     if rounding not in ROUNDING_MODES:
         raise ValueError(f"rounding={rounding!r} must be one of {ROUNDING_MODES}.")

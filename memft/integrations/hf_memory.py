@@ -1,6 +1,7 @@
 """Memory figures of a Hugging Face ``Trainer`` run, reported through the Trainer's own logs.
 
-:class:`MemftCallback` measures what memft's training loop measures:
+:class:`MemftCallback` applies memft's memory policy (:class:`memft.train.run_memory.RunMemory`, the one
+``memft finetune`` uses):
 
 - exact tensor storage by category (:class:`memft.memory.MemoryTracker`: parameters, gradients, optimizer state,
   activations, temporaries, other) over the first ``track_steps`` optimizer steps. Each tracked step runs from
@@ -37,10 +38,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from transformers import TrainerCallback
 
-from memft.memory import MemoryReport, MemoryTracker
+from memft.memory import MemoryReport
+from memft.train.run_memory import RunMemory
 
 __all__ = ["MemftCallback"]
 
@@ -64,23 +65,13 @@ class MemftCallback(TrainerCallback):
         self.trainer = trainer
         self.track_steps = track_steps
         self.prefix = prefix
-        self.tracker: MemoryTracker | None = None
-        self._reset()
+        self.memory: RunMemory | None = None  # the run's memory policy, from on_train_begin
+        self._steps_in_interval = 0
+        self._run_reported = False
 
     def attach(self, trainer: Any) -> None:
         """Log through ``trainer`` (done by MemftTrainer for its callbacks)."""
         self.trainer = trainer
-
-    def _reset(self) -> None:
-        self._active = False
-        self._steps_left = self.track_steps
-        self._tracked_in_interval = 0
-        self._tracked_total = 0
-        self._steps_in_interval = 0
-        self._run_reported = False
-        self._cuda_device: torch.device | None = None
-        self._restart_peaks = True
-        self._cuda_run = {"allocated": 0, "reserved": 0}
 
     # --------------------------------------------------------------------------------- events
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -88,105 +79,55 @@ class MemftCallback(TrainerCallback):
             raise ValueError("MemftCallback needs the trainer to log through: create it as MemftCallback(trainer) and "
                              "add it with trainer.add_callback(...), or train with MemftTrainer, which attaches it.")
         self.close()
-        self._reset()
+        self._steps_in_interval = 0
+        self._run_reported = False
         # The Trainer's own memory metrics read the CUDA peak since train() began: never reset it under them.
         skipped = getattr(getattr(self.trainer, "_memory_tracker", None), "skip_memory_metrics",
                           args.skip_memory_metrics)
-        device = torch.device(args.device)
-        self._restart_peaks = bool(skipped) or device.type != "cuda"
-        if device.type == "cuda" and torch.cuda.is_available():
-            self._cuda_device = device
-            if self._restart_peaks:
-                torch.cuda.reset_peak_memory_stats(device)
-        self.tracker = MemoryTracker(model=model, optimizer=optimizer) if self.track_steps else None
+        self.memory = RunMemory(model, optimizer, args.device, self.track_steps, restart_peaks=bool(skipped))
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if self.tracker is not None and self._steps_left > 0 and not self._active:
-            self.tracker.__enter__()
-            self._active = True
+        if self.memory is not None:
+            self.memory.begin_step()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._active:
-            self.close()
-            self._steps_left -= 1
-            self._tracked_in_interval += 1
-            self._tracked_total += 1
+        if self.memory is None:
+            return
+        self.memory.end_step()
         self._steps_in_interval += 1
         if control.should_training_stop:
-            self._emit({**self._interval_logs(), **self._run_logs()}, control)
+            self._log(control, run=True)
         elif control.should_log:
-            self._emit(self._interval_logs(), control)
+            self._log(control)
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if control.should_log and self._steps_in_interval:
-            self._emit(self._interval_logs(), control)
+            self._log(control)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.close()
-        if not self._run_reported:
-            self._emit({**self._interval_logs(), **self._run_logs()}, control)
+        if self.memory is not None and not self._run_reported:
+            self._log(control, run=True)
 
     def report(self, name: str = "run") -> MemoryReport | None:
         """The tracked steps as a :class:`memft.memory.MemoryReport` (``.print()``, ``.save(directory)`` writes
         JSON, markdown and a PNG), or None when no step was tracked."""
-        if self.tracker is None or not self._tracked_total:
-            return None
-        report = self.tracker.summary(name=name, source="tracked")
-        report.meta["tracked_steps"] = self._tracked_total
-        return report
+        return self.memory.report(name) if self.memory is not None else None
 
     def close(self) -> None:
         """Leave the tracker if a step is being tracked (training stopped inside a step)."""
-        if self._active and self.tracker is not None:
-            self.tracker.__exit__(None, None, None)
-        self._active = False
+        if self.memory is not None:
+            self.memory.close()
 
-    # ---------------------------------------------------------------------------------- figures
-    def _emit(self, logs: dict[str, float], control) -> None:
-        if not logs:
-            return
-        should_log = control.should_log
-        self.trainer.log(logs)
-        control.should_log = should_log  # trainer.log cleared it; the Trainer still has its loss to log
-
-    def _interval_logs(self) -> dict[str, float]:
-        """Figures of the interval since the last emission; then the peaks restart (unless the Trainer's own
-        memory metrics are on). CUDA peaks are read first: the tracker's ``reset_peak`` also resets them."""
-        logs: dict[str, float] = {}
-        p = self.prefix
-        if self._cuda_device is not None:
-            allocated = torch.cuda.max_memory_allocated(self._cuda_device)
-            reserved = torch.cuda.max_memory_reserved(self._cuda_device)
-            self._cuda_run["allocated"] = max(self._cuda_run["allocated"], allocated)
-            self._cuda_run["reserved"] = max(self._cuda_run["reserved"], reserved)
-            if self._restart_peaks:
-                logs[f"{p}cuda_peak_allocated_bytes"] = allocated
-                logs[f"{p}cuda_peak_reserved_bytes"] = reserved
-        tracked = bool(self._tracked_in_interval and self.tracker is not None)
-        if tracked:
-            logs[f"{p}tracked_peak_bytes"] = self.tracker.peak_bytes
-            for category, nbytes in self.tracker.peak_breakdown.items():
-                logs[f"{p}tracked_peak_{category}_bytes"] = nbytes
-        if self._restart_peaks:
-            if tracked:
-                self.tracker.reset_peak()  # on CUDA this also restarts the allocator's peaks
-            if self._cuda_device is not None:
-                torch.cuda.reset_peak_memory_stats(self._cuda_device)
-        self._tracked_in_interval = 0
+    def _log(self, control, run: bool = False) -> None:
+        """Log the interval's figures (with ``run``, the run's too) through the trainer. Logging from
+        ``on_step_end`` keeps the Trainer's pending loss log: ``trainer.log`` clears ``control.should_log``."""
+        figures = self.memory.interval()
+        if run:
+            figures.update(self.memory.run())
+            self._run_reported = True
         self._steps_in_interval = 0
-        return logs
-
-    def _run_logs(self) -> dict[str, float]:
-        """Run figures; call right after ``_interval_logs`` so that the CUDA run peaks include the last interval."""
-        self._run_reported = True
-        logs: dict[str, float] = {}
-        p = self.prefix
-        if self._tracked_total and self.tracker is not None:
-            logs[f"{p}run_tracked_peak_bytes"] = self.tracker.run_peak_bytes
-            for category, nbytes in self.tracker.run_peak_breakdown.items():
-                logs[f"{p}run_tracked_peak_{category}_bytes"] = nbytes
-            logs[f"{p}tracked_steps"] = self._tracked_total
-        if self._cuda_device is not None:
-            logs[f"{p}run_cuda_peak_allocated_bytes"] = self._cuda_run["allocated"]
-            logs[f"{p}run_cuda_peak_reserved_bytes"] = self._cuda_run["reserved"]
-        return logs
+        if figures:
+            should_log = control.should_log
+            self.trainer.log({f"{self.prefix}{key}": value for key, value in figures.items()})
+            control.should_log = should_log

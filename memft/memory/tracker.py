@@ -9,7 +9,9 @@ Categories, in order of precedence (a storage takes the first role it is found t
 
 - ``parameters``: storages of ``model.parameters()`` (or any ``nn.Parameter`` an op reads).
 - ``gradients``: storages of ``param.grad`` (found by post-accumulate-grad hooks, after every
-  ``optimizer.step`` and whenever a figure is read).
+  ``optimizer.step`` and whenever a figure is read), and the gradients an optimizer holds itself until its
+  update (its ``held_gradients()``, e.g. layer-wise GaLore's accumulation buffers: read with the optimizer
+  state, and by the post-accumulate-grad hook of a parameter whose ``.grad`` the optimizer's own hook consumed).
 - ``optimizer_state``: tensors in ``optimizer.state`` (re-scanned after every ``optimizer.step``, since
   optimizers create their state lazily).
 - ``activations``: storage written during a forward pass (grad mode on, outside backward and outside
@@ -145,8 +147,9 @@ class MemoryTracker:
     Args:
         model: module whose parameters, buffers and ``.grad`` are categorised (and, with
             ``track_modules``, whose submodule names activations are attributed to).
-        optimizer: optimizer whose existing state is counted on entry. Any ``torch.optim.Optimizer``
-            stepped while tracking is scanned after its step, given here or not.
+        optimizer: optimizer whose existing state is counted on entry (and whose held gradients are found
+            as backward produces them). Any ``torch.optim.Optimizer`` stepped while tracking is scanned
+            after its step, given here or not.
         device: only storage on this device is counted (``"cuda"`` matches every CUDA device). Default:
             the device of the model's first parameter, or every device without a model.
         track_modules: attribute activation bytes to the innermost submodule of ``model`` that was running
@@ -379,7 +382,7 @@ class MemoryTracker:
                 self._add_param(p)
 
     def _rescan(self) -> None:
-        """Re-read ``param.grad`` and optimizer state (both appear lazily)."""
+        """Re-read ``param.grad``, optimizer state and the gradients optimizers hold (all appear lazily)."""
         with self._lock:
             for ref in list(self._params.values()):
                 p = ref()
@@ -391,6 +394,14 @@ class MemoryTracker:
                     for state in opt.state.values():
                         for t in _tensors(state):
                             self._classify(t, OPTIMIZER_STATE)
+                    self._add_held_gradients(opt)
+
+    def _add_held_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """Gradients ``optimizer`` holds itself between backward and its update (``held_gradients()``)."""
+        held = getattr(optimizer, "held_gradients", None)
+        if held is not None:
+            for t in held():
+                self._classify(t, GRADIENTS)
 
     def _promote_forward_survivors(self) -> None:
         """Backward is starting: forward allocations still alive are activations."""
@@ -457,10 +468,16 @@ class MemoryTracker:
         return t
 
     def _on_grad(self, p: torch.Tensor) -> None:
-        if p.grad is not None:
-            with self._lock:
-                if self._active:
-                    self._classify(p.grad, GRADIENTS)
+        with self._lock:
+            if not self._active:
+                return
+            if p.grad is not None:
+                self._classify(p.grad, GRADIENTS)
+                return
+            for ref in list(self._optimizers.values()):  # an optimizer's earlier hook consumed it and may hold it
+                opt = ref()
+                if opt is not None:
+                    self._add_held_gradients(opt)
 
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         with self._lock:

@@ -64,8 +64,8 @@ parameters this is exactly ``clip_grad_norm_`` on ``.grad``; a GaLore parameter 
 projected norm ``‖P(G)‖`` (at most its full norm ``‖G‖``), so clipping is slightly weaker than
 clipping full gradients. The projected norm is chosen because it is the only one available under
 accumulation (``‖Σ P(G_i)‖`` is known, ``‖Σ G_i‖`` is not) and it measures the update the optimizer
-actually takes. ``last_grad_norm`` holds the norm; ``accumulated_gradient_bytes()`` the bytes
-currently held in buffers.
+actually takes. ``last_grad_norm`` holds the norm; ``held_gradients()`` lists the gradients held
+until their update (memory trackers count them as gradients), ``accumulated_gradient_bytes()`` their bytes.
 
 A wrapper (rather than a ``layerwise=True`` flag) keeps the hook, accumulation and clipping logic
 in one place for all GaLore-family algorithms, which only expose ``project_grad`` and
@@ -161,9 +161,14 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             handle.remove()
         self._hooks.clear()
 
+    def held_gradients(self) -> list[Tensor]:
+        """The gradients held right now until their update: accumulation buffers across micro-batches and,
+        with clipping, every gradient until the global norm is known (memory trackers count them as gradients)."""
+        return [entry.grad for entry in self._pending.values()]
+
     def accumulated_gradient_bytes(self) -> int:
-        """Bytes held right now in gradient buffers between micro-batches (for memory reports)."""
-        return sum(entry.grad.numel() * entry.grad.element_size() for entry in self._pending.values())
+        """Bytes of :meth:`held_gradients` (for memory reports)."""
+        return sum(grad.numel() * grad.element_size() for grad in self.held_gradients())
 
     # ----------------------------------------------------------------- loop contract
     def set_micro_batch(self, index: int, total: int) -> None:

@@ -15,7 +15,6 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,9 +24,10 @@ from memft.errors import RunError
 from memft.train import builders, checkpoint, run_dir
 from memft.train.distributed import current_processes, engine_for
 from memft.train.data import BatchOrder, Splits, build_splits, collate
-from memft.train.models import load_model, load_tokenizer, max_positions
+from memft.train.models import load_model, load_tokenizer
 from memft.train.progress import Progress
 from memft.train.recipe import Recipe
+from memft.train.run_memory import RunMemory
 from memft.train.step import StepDriver, count_items
 
 
@@ -77,10 +77,6 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.tokenizer = load_tokenizer(recipe.model)
         model = load_model(recipe.model)
-        limit = max_positions(model)
-        if limit is not None and recipe.data.max_seq_len > limit:
-            raise RunError(f"data.max_seq_len={recipe.data.max_seq_len} exceeds the model's limit of {limit} "
-                           f"positions. Set data.max_seq_len to at most {limit}.")
         self.splits: Splits = build_splits(recipe.data, self.tokenizer, t.seed)
         if procs.is_main:
             self._say(*self.splits.notes)
@@ -97,8 +93,8 @@ class Trainer:
         self.driver = StepDriver.for_recipe(recipe, self.plan.step_kind, self.engine, self.accelerator, procs)
         self.order = BatchOrder(len(self.splits.train), t.batch_size, t.seed, procs.rank, procs.world)
         self.step, self.tokens_seen, self._stop_requested = 0, 0, False
-        self.memory = _RunMemory(recipe, self.engine.unwrap(self.model), built["optimizer"], self.accelerator.device,
-                                 procs.rank)
+        self.memory = RunMemory(self.engine.unwrap(self.model), built["optimizer"], self.accelerator.device,
+                                recipe.memory.track_steps)
 
     def _calibration_batches(self) -> list[dict]:
         """The first training batches in data order, for methods that score the model on data."""
@@ -217,15 +213,16 @@ class Trainer:
                     progress.update(self.step, loss=loss, lr=lr, tokens_per_s=tps, peak=self.memory.peak_bytes())
                     if self.step % t.log_every == 0 or self.step == t.max_steps:
                         self._write(metrics, {"step": self.step, "loss": loss, "lr": lr, "tokens": self.tokens_seen,
-                                              "tokens_per_s": tps, **self.memory.interval_record()})
+                                              "tokens_per_s": tps, **self.memory.interval()})
                         interval_start, interval_tokens = time.perf_counter(), self.tokens_seen
                     if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
                         self._write(metrics, {"step": self.step, **self.evaluate()})
                     if t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps:
                         self.save()
             result.interrupted = self._stop_requested
-            result.peak_bytes = self.memory.run_peak_bytes()
-            self.memory.write_report(self.out)
+            figures = self.memory.run()
+            result.peak_bytes = figures.get("run_tracked_peak_bytes", figures.get("run_cuda_peak_allocated_bytes"))
+            _write_memory_report(self.memory, self.recipe, self.out, self.processes.rank)
             self.save()
             if not result.interrupted:
                 result.eval = self.evaluate()
@@ -296,72 +293,24 @@ class Trainer:
                            "the same command with --resume to write final/ again.") from exc
 
 
-class _RunMemory:
-    """Peak memory of every run: exact tensor-storage accounting by category (memft.memory.MemoryTracker)
-    over the first `memory.track_steps` steps, and the CUDA allocator's peaks on GPUs for every step."""
-
-    def __init__(self, recipe: Recipe, model, optimizer, device: torch.device, rank: int = 0):
-        from memft.memory import MemoryTracker
-
-        self.recipe, self.device, self.rank = recipe, device, rank
-        self.tracker = MemoryTracker(model=model, optimizer=optimizer) if recipe.memory.track_steps else None
-        self.steps_left = recipe.memory.track_steps
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-
-    def measuring(self):
-        """Context for one step: tracked during the first `memory.track_steps` steps of this process."""
-        if self.tracker is None or self.steps_left <= 0:
-            return nullcontext()
-        self.steps_left -= 1
-        return self.tracker
-
-    def _cuda_interval(self) -> dict | None:
-        if self.device.type != "cuda":
-            return None
-        return {"allocated": torch.cuda.max_memory_allocated(self.device),
-                "reserved": torch.cuda.max_memory_reserved(self.device)}
-
-    def peak_bytes(self) -> int | None:
-        """For the progress bar: the CUDA allocated peak of this interval, else the tracked peak, else None."""
-        cuda = self._cuda_interval()
-        if cuda:
-            return cuda["allocated"]
-        return self.tracker.run_peak_bytes if self.tracker is not None else None
-
-    def run_peak_bytes(self) -> int | None:
-        return self.tracker.run_peak_bytes if self.tracker is not None else self.peak_bytes()
-
-    def interval_record(self) -> dict:
-        """Metrics for the interval just ended; the CUDA peaks restart for the next interval. The CUDA
-        allocated peak decides OOM together with fragmentation, which the reserved peak includes."""
-        record: dict = {}
-        if self.tracker is not None:
-            record["tracked_peak_bytes"] = self.tracker.run_peak_bytes
-        cuda = self._cuda_interval()
-        if cuda:
-            record["cuda_peak_allocated"], record["cuda_peak_reserved"] = cuda["allocated"], cuda["reserved"]
-            torch.cuda.reset_peak_memory_stats(self.device)
-        return record
-
-    def write_report(self, out: Path) -> None:
-        """memory.json, memory.md and memory.png for the tracked steps of this process (the main process;
-        process r writes memory-rank{r}.*)."""
-        if self.tracker is None or not self.recipe.memory.report:
-            return
-        t = self.recipe.train
-        report = self.tracker.summary(name=Path(t.output_dir).name, source="tracked")
-        report.meta.update({"model": self.recipe.model.name_or_path, "dtype": self.recipe.model.dtype,
-                            "batch_size": t.batch_size, "grad_accum": t.grad_accum,
-                            "max_seq_len": self.recipe.data.max_seq_len, "optimizer": self.recipe.optimizer.name,
-                            "adapter": self.recipe.adapter.name,
-                            "tracked_steps": self.recipe.memory.track_steps - self.steps_left})
-        budget = self.recipe.memory.budget_gib
-        if budget is not None and report.peak_bytes > budget * 2**30:
-            report.notes.append(f"The peak exceeds memory.budget_gib={budget}.")
-        if self.rank:
-            report.meta["process"] = self.rank
-        report.save(out, stem="memory" if self.rank == 0 else f"memory-rank{self.rank}")
+def _write_memory_report(memory: RunMemory, recipe: Recipe, out: Path, rank: int) -> None:
+    """memory.json, memory.md and memory.png for the tracked steps of this process (the main process;
+    process r writes memory-rank{r}.*)."""
+    if not recipe.memory.report:
+        return
+    t = recipe.train
+    report = memory.report(Path(t.output_dir).name, {
+        "model": recipe.model.name_or_path, "dtype": recipe.model.dtype, "batch_size": t.batch_size,
+        "grad_accum": t.grad_accum, "max_seq_len": recipe.data.max_seq_len, "optimizer": recipe.optimizer.name,
+        "adapter": recipe.adapter.name})
+    if report is None:
+        return
+    budget = recipe.memory.budget_gib
+    if budget is not None and report.peak_bytes > budget * 2**30:
+        report.notes.append(f"The peak exceeds memory.budget_gib={budget}.")
+    if rank:
+        report.meta["process"] = rank
+    report.save(out, stem="memory" if rank == 0 else f"memory-rank{rank}")
 
 
 def _quiet_libraries() -> None:

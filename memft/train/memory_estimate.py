@@ -18,6 +18,7 @@ import torch
 
 from memft.errors import RecipeError
 from memft.memory import MemoryReport, hf_training_setup, list_configs
+from memft.methods import registry
 from memft.train import builders
 from memft.train.models import resolve_model_path
 from memft.train.distributed import Engine
@@ -79,12 +80,11 @@ def _converted(t, device, dtype):
 
 
 def _refuse_unestimable(recipe: Recipe) -> None:
-    adapter = recipe.adapter
-    if adapter.name == "loram" and adapter.quantize == "nf4":
-        raise RecipeError("adapter loram with quantize nf4 cannot be estimated yet: bitsandbytes' 4-bit parameters "
-                          "cannot hold fake tensors. Estimate quantize=none (the bf16 pruned model) and use "
-                          "memft.loram.parameter_storage_bytes for the NF4 weight bytes, or measure on a GPU "
-                          "with --measure.")
+    """Methods whose registration says the planner cannot estimate them (with the reason and what to do)."""
+    for method, section in registry.used(recipe):
+        reason = method.not_estimable(section)
+        if reason:
+            raise RecipeError(reason)
 
 
 def recipe_memory(recipe: Recipe, config: str | None = None, device: str = "cuda", measure: bool = False,
@@ -107,7 +107,7 @@ def recipe_memory(recipe: Recipe, config: str | None = None, device: str = "cuda
     def transform(model):
         return builders.prepare_model(model, recipe).model
 
-    builders.check_compatibility(recipe)
+    builders.check_compatibility(recipe, against_model=config is None)  # --config stands in for the model
     try:
         setup = hf_training_setup(recipe_config(recipe, config), recipe.model.dtype, t.batch_size,
                                   recipe.data.max_seq_len, build_optimizer, recipe.model.gradient_checkpointing,

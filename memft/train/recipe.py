@@ -16,13 +16,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
 
+from memft import methods as _methods  # noqa: F401  (registers the built-in methods)
 from memft.errors import RecipeError
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+from memft.methods import registry
+from memft.methods.registry import Section
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -65,188 +64,6 @@ class DataSection(Section):
     packing: bool = Field(False, description="Concatenate examples into full-length sequences (no padding).")
     loss_on: Literal["response", "all"] = Field("response", description="For alpaca/chat: train only on "
                                                 "response tokens ('response') or on every token ('all').")
-
-
-# ------------------------------------------------------------------------------------------ optimizer
-class _OptimizerCommon(Section):
-    lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
-
-
-class _AdamKnobs(_OptimizerCommon):
-    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam moment coefficients.")
-    eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
-
-
-class AdamWSection(_AdamKnobs):
-    name: Literal["adamw"] = Field("adamw", description="torch.optim.AdamW.")
-
-
-class AdamW8bitSection(_AdamKnobs):
-    name: Literal["adamw8bit"] = Field(..., description="bitsandbytes block-wise 8-bit AdamW.")
-
-
-class SGDSection(_OptimizerCommon):
-    name: Literal["sgd"] = Field(..., description="torch.optim.SGD.")
-    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum.")
-
-
-class _GaLoreKnobs(Section):
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (before the update, as torch "
-                                "AdamW), on matrices only.")
-    rank: int = Field(128, ge=1, description="Rank r of the gradient subspace (paper: 128 for 1B, 1024 for 7B).")
-    update_proj_gap: int = Field(200, ge=1, description="Steps between subspace refreshes (T).")
-    scale: float = Field(0.25, gt=0, description="Scale α of the projected-back update.")
-    proj_type: Literal["std", "reverse_std", "left", "right", "full"] = Field(
-        "std", description="Which side is projected: 'std' the smaller one, 'full' both (r x r).")
-    svd: Literal["exact", "randomized"] = Field("exact", description="Subspace from an exact SVD, or a "
-                                                "randomized range finder (much cheaper on large matrices).")
-    moments_on_refresh: Literal["keep", "reproject"] = Field(
-        "keep", description="Moments when the subspace changes: kept as is (reference behaviour) or mapped "
-        "into the new basis.")
-    target_modules: list[str] | None = Field(None, description="Linear layers (name suffixes) optimised in "
-                                             "low rank; default the attention and MLP projections. The rest "
-                                             "(embeddings, norms, head) get plain updates.")
-    layerwise: bool = Field(False, description="Step each parameter inside backward and free its gradient at "
-                            "once (full gradients never coexist); accumulation happens in the low-rank space.")
-
-
-class GaLoreAdamWSection(_GaLoreKnobs):
-    name: Literal["galore_adamw"] = Field(..., description="GaLore AdamW (arXiv 2403.03507).")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam moment coefficients.")
-    eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
-
-
-class GaLoreAdamW8bitSection(GaLoreAdamWSection):
-    name: Literal["galore_adamw8bit"] = Field(..., description="GaLore AdamW with block-wise 8-bit moments.")
-
-
-class GaLoreAdafactorSection(_GaLoreKnobs):
-    name: Literal["galore_adafactor"] = Field(..., description="GaLore with Adafactor's factored second moment "
-                                              "(external lr schedule, relative_step off).")
-    beta1: float | None = Field(None, ge=0, lt=1, description="First-moment coefficient; null keeps none.")
-
-
-class NaturalGaLoreAdamWSection(GaLoreAdamWSection):
-    name: Literal["natural_galore_adamw"] = Field(..., description="Natural GaLore (arXiv 2410.16029): low-rank "
-                                                  "gradients preconditioned by the inverse empirical Fisher.")
-    history_size: int = Field(20, ge=1, description="Low-rank gradients kept for the Fisher estimate (s).")
-    damping: float = Field(1e-3, gt=0, description="Fisher damping λ.")
-    history_on_refresh: Literal["clear", "keep"] = Field("clear", description="Gradient history when the "
-                                                         "subspace changes (old gradients live in another basis).")
-
-
-class MeZOSection(_OptimizerCommon):
-    name: Literal["mezo"] = Field(..., description="MeZO zeroth-order SGD (arXiv 2305.17333): two forward "
-                                  "passes per step, no backward, training memory = inference memory.")
-    lr: float = Field(1e-6, gt=0, description="Learning rate (paper: 1e-6..1e-7 full, 1e-4..5e-5 LoRA).")
-    eps: float = Field(1e-3, gt=0, description="Perturbation scale ε (paper: 1e-3 full, 1e-2 LoRA).")
-    n_samples: int = Field(1, ge=1, description="SPSA estimates averaged per step (n-SPSA).")
-    dropout: bool = Field(False, description="Keep dropout active in the forward passes (the paper uses eval "
-                          "mode; with dropout ℓ₊ and ℓ₋ see different masks).")
-
-
-OptimizerSection = Annotated[Union[AdamWSection, AdamW8bitSection, SGDSection, MeZOSection,  # noqa: UP007
-                                   GaLoreAdamWSection, GaLoreAdamW8bitSection, GaLoreAdafactorSection,
-                                   NaturalGaLoreAdamWSection],
-                             Field(discriminator="name")]
-
-
-# ------------------------------------------------------------------------------------- activations
-class NoActivationCompression(Section):
-    name: Literal["none"] = Field("none", description="Store activations as autograd does.")
-
-
-class MesaSection(Section):
-    name: Literal["mesa"] = Field(..., description="Mesa (arXiv 2111.11124): tensors saved for backward stored "
-                                  "in 8 bits with per-group scale and offset; forward is exact.")
-    bits: int = Field(8, ge=1, le=8, description="Bits per stored value.")
-    group_size: int = Field(64, ge=1, description="Channels sharing one scale and offset.")
-    rounding: Literal["stochastic", "nearest"] = Field("stochastic", description="Rounding to the grid.")
-    momentum: float = Field(0.9, ge=0, lt=1, description="EMA momentum of the tracked ranges.")
-
-
-class WTACRSSection(Section):
-    name: Literal["wta_crs"] = Field(..., description="WTA-CRS (arXiv 2305.15265): Linear weight gradients (and, "
-                                     "with sample_attention, eager attention's two matmuls) estimated from k = ratio "
-                                     "x rows sampled winner-take-all; unbiased, only sampled rows stored.")
-    ratio: float = Field(0.3, gt=0, le=1, description="Fraction of rows kept (paper: 0.3).")
-    sample_attention: bool = Field(True, description="Also sample the summed dimension of QK^T and AV per batch "
-                                   "and head, as the paper's memory setting does (needs model.attn_implementation "
-                                   "eager; SDPA saves no attention matrix).")
-    min_rows: int = Field(10, ge=1, description="Never keep fewer rows than this (the reference's minimal_k).")
-    others: Literal["none", "mesa", "s2a"] = Field("none", description="Compressor for the tensors WTA-CRS does "
-                                                   "not sample (nonlinearities, norms, attention).")
-
-
-class S2ASection(Section):
-    name: Literal["s2a"] = Field(..., description="S2A (arXiv 2503.08154): nonlinearities store a 4-bit index "
-                                 "into a fitted piecewise-constant derivative; softmax outputs in 4 bits.")
-    bits: int = Field(4, ge=1, le=8, description="Bits for the derivative index of pointwise nonlinearities.")
-    softmax_bits: int = Field(4, ge=1, le=8, description="Bits for softmax outputs.")
-    norm_bits: int = Field(8, ge=1, le=8, description="Bits for LayerNorm/RMSNorm inputs.")
-
-
-ActivationsSection = Annotated[Union[NoActivationCompression, MesaSection, WTACRSSection, S2ASection],  # noqa: UP007
-                               Field(discriminator="name")]
-
-
-# ---------------------------------------------------------------------------------------------- loss
-class CrossEntropySection(Section):
-    name: Literal["cross_entropy"] = Field("cross_entropy", description="The model's own loss on full logits.")
-
-
-class CutCrossEntropySection(Section):
-    name: Literal["cut_cross_entropy"] = Field(..., description="Cut cross-entropy (arXiv 2411.09009): the loss "
-                                               "from hidden states and the LM head block by block, never "
-                                               "materialising the logits.")
-    impl: Literal["auto", "torch", "triton"] = Field("auto", description="'auto': Triton kernels on CUDA, the "
-                                                     "chunked torch path elsewhere.")
-
-
-LossSection = Annotated[Union[CrossEntropySection, CutCrossEntropySection],  # noqa: UP007
-                        Field(discriminator="name")]
-
-
-# ------------------------------------------------------------------------------------------- adapter
-class NoAdapter(Section):
-    name: Literal["none"] = Field("none", description="Train the model's weights directly.")
-
-
-class LoRASection(Section):
-    name: Literal["lora"] = Field(..., description="LoRA adapters through peft (arXiv 2106.09685).")
-    r: int = Field(16, ge=1, description="Adapter rank.")
-    alpha: float = Field(32.0, gt=0, description="Scale numerator: updates are scaled by alpha / r.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
-    target_modules: list[str] | Literal["all-linear"] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        description="Module name suffixes that receive adapters, or 'all-linear'.")
-
-
-class LoRAMSection(Section):
-    name: Literal["loram"] = Field(..., description="LoRAM (arXiv 2502.13533): train LoRA on a structurally "
-                                   "pruned copy of the model (QLoRAM: also NF4-quantised), recover it onto the "
-                                   "full model with `memft loram export`.")
-    prune_ratio: float = Field(0.5, gt=0, lt=1, description="Fraction of MLP neurons and of KV heads (with their "
-                               "query groups) removed in each pruned layer.")
-    prune_method: Literal["random", "magnitude", "taylor"] = Field("magnitude", description="Which units to keep: "
-                                                                  "random, largest weight norm, or first-order "
-                                                                  "Taylor importance on calibration batches.")
-    keep_dense_layers: tuple[int, int] | list[int] = Field((4, 2), description="Layers left unpruned: (first k, "
-                                                          "last k) or an explicit list of layer indices.")
-    quantize: Literal["none", "nf4"] = Field("none", description="'nf4': QLoRAM, the pruned model in 4-bit NF4 "
-                                             "through bitsandbytes.")
-    calibration_batches: int = Field(4, ge=1, description="Training batches used to score units (taylor).")
-    r: int = Field(8, ge=1, description="Adapter rank.")
-    alpha: float = Field(16.0, gt=0, description="Scale numerator: updates are scaled by alpha / r.")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        description="Projection names that receive adapters.")
-
-
-AdapterSection = Annotated[Union[NoAdapter, LoRASection, LoRAMSection], Field(discriminator="name")]  # noqa: UP007
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -315,30 +132,48 @@ class MemorySection(Section):
     budget_gib: float | None = Field(None, gt=0, description="Warn when the measured peak exceeds this.")
 
 
-class Recipe(Section):
-    """A complete fine-tuning run."""
+class _RecipeBase(Section):
+    """A complete fine-tuning run; `_recipe_class` adds the method sections from the registry."""
 
     model: ModelSection = Field(default_factory=ModelSection, description="Which model to load and how.")
     data: DataSection = Field(default_factory=DataSection, description="Datasets and tokenisation.")
-    optimizer: OptimizerSection = Field(default_factory=AdamWSection, description="Optimizer and its knobs.")
-    activations: ActivationsSection = Field(default_factory=NoActivationCompression,
-                                            description="Activation compressor.")
-    loss: LossSection = Field(default_factory=CrossEntropySection, description="Loss computation.")
-    adapter: AdapterSection = Field(default_factory=NoAdapter, description="Parameter-efficient adapter.")
-    train: TrainSection = Field(default_factory=TrainSection, description="Training loop settings.")
-    distributed: DistributedSection = Field(default_factory=DistributedSection, description="Parallelism.")
-    memory: MemorySection = Field(default_factory=MemorySection, description="Memory measurement and reports.")
 
     @model_validator(mode="before")
     @classmethod
     def _default_method_names(cls, data: Any) -> Any:
         """A method section without `name` takes the section's default method."""
         if isinstance(data, dict):
-            defaults = {"optimizer": "adamw", "activations": "none", "loss": "cross_entropy", "adapter": "none"}
-            for key, name in defaults.items():
+            for key, name in registry.DEFAULTS.items():
                 if isinstance(data.get(key), dict) and "name" not in data[key]:
                     data = {**data, key: {"name": name, **data[key]}}
         return data
+
+
+METHOD_HELP = {"optimizer": "Optimizer and its knobs.", "activations": "Activation compressor.",
+               "loss": "Loss computation.", "adapter": "Parameter-efficient adapter."}
+
+
+def _recipe_class() -> type[_RecipeBase]:
+    """The Recipe model: one tagged union per method section, from the methods registered now, then the
+    loop's sections (the order of a recipe file)."""
+    fields: dict[str, Any] = {
+        section: (registry.union(section), Field(default_factory=registry.get(section, registry.DEFAULTS[section]).schema,
+                                                 description=METHOD_HELP[section]))
+        for section in registry.SECTIONS}
+    fields["train"] = (TrainSection, Field(default_factory=TrainSection, description="Training loop settings."))
+    fields["distributed"] = (DistributedSection, Field(default_factory=DistributedSection, description="Parallelism."))
+    fields["memory"] = (MemorySection, Field(default_factory=MemorySection, description="Memory measurement and "
+                                                                                        "reports."))
+    return create_model("Recipe", __base__=_RecipeBase, __module__=__name__, **fields)
+
+
+Recipe = _recipe_class()
+
+
+def refresh_methods() -> None:
+    """Rebuild `Recipe` after a method was registered (or removed) once this module was imported."""
+    global Recipe
+    Recipe = _recipe_class()
 
 
 # ------------------------------------------------------------------------------- loading and errors
@@ -547,4 +382,4 @@ def _keys_of(section: Any) -> list[str]:
 
 def method_names(section: str) -> list[str]:
     """Method names accepted by a tagged section, e.g. method_names('optimizer')."""
-    return [_tag(m) for m in _members(Recipe.model_fields[section].annotation)]
+    return [m.name for m in registry.methods(section)]

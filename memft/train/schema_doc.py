@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args, get_origin
+
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from memft.errors import RecipeError
-from memft.train.recipe import Recipe, _members, _tag
+from memft.train import recipe as recipe_module
+from memft.train.recipe import _members, _tag
 
 
 def _type_name(annotation) -> str:
+    if get_origin(annotation) is Literal:
+        return "one of " + ", ".join(str(choice) for choice in get_args(annotation))
     text = getattr(annotation, "__name__", None) or str(annotation)
-    return text.replace("typing.", "").replace("Literal", "one of ")
+    return text.replace("typing.", "")
 
 
 def _default(field) -> str:
@@ -42,6 +47,7 @@ def _lines(model: type[BaseModel], prefix: str) -> list[str]:
 
 
 def describe_schema(section: str | None = None) -> str:
+    Recipe = recipe_module.Recipe  # the methods registered now  # noqa: N806
     if section is None:
         return "\n".join(_lines(Recipe, ""))
     if section not in Recipe.model_fields:

@@ -65,12 +65,3 @@ def tiny_bert(dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
 @pytest.fixture
 def tokens() -> torch.Tensor:
     return torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest single-threaded, above all on a shared, loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

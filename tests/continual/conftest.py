@@ -1,5 +1,5 @@
 """Fixtures for the continual-learning tests: the bundled tiny Llama, its tokenizer, a from-scratch
-micro Llama for unit tests, and one CPU thread per test (faster than two on a shared machine)."""
+micro Llama for unit tests."""
 
 from __future__ import annotations
 
@@ -7,14 +7,6 @@ import pytest
 import torch
 
 from memft.train.models import resolve_model_path
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +24,6 @@ def load_tiny():
     path = resolve_model_path("memft:tiny-llama")
 
     def load():
-        torch.set_num_threads(1)
         return AutoModelForCausalLM.from_pretrained(path)
 
     return load

@@ -39,15 +39,6 @@ from memft.train.recipe import DataSection, Recipe
 MODEL = resolve_model_path("memft:tiny-llama")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: deterministic reductions and no thread thrashing on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     tok = AutoTokenizer.from_pretrained(MODEL)

@@ -24,16 +24,6 @@ from memft.kernels.cut_cross_entropy.op import linear_cross_entropy_backward, li
 GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Run single-threaded: the chunked path issues many small ops, and on a loaded 2-core machine
-    OpenMP hand-offs between threads would dominate the test time (results do not depend on it)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
     expected = expected.double()
     scale = expected.norm().item()

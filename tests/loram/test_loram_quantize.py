@@ -34,8 +34,16 @@ def test_nf4_model_equals_its_dequantized_reference(double_quant, token_batch):
     assert type(quantized.lm_head) is torch.nn.Linear
     reference = _dequantized_copy(pruned, quantized)
     for (name, w), w_ref in zip(pruned.named_parameters(), reference.parameters()):
-        if "proj" in name:  # NF4 keeps each weight within its block's quantisation error
-            assert (w - w_ref).norm() < 0.15 * w.norm(), name
+        if "proj" in name:
+            # memft quantised this very weight: its codes decode as bitsandbytes' own NF4 of the weight does.
+            codes, state = bnb.functional.quantize_4bit(w.detach(), blocksize=64, quant_type="nf4",
+                                                        compress_statistics=double_quant)
+            torch.testing.assert_close(w_ref, bnb.functional.dequantize_4bit(codes, state), rtol=0, atol=0)
+            # NF4 keeps each weight within its block's quantisation error. (bitsandbytes' CPU kernel on some
+            # CPUs quantises rows whose length is not a multiple of the block, here the 96 columns of
+            # down_proj, with about 2.6x that error; the bound is checked where rows fill whole blocks.)
+            if w.shape[-1] % 64 == 0:
+                assert (w - w_ref).norm() < 0.15 * w.norm(), name
     with torch.no_grad():
         torch.testing.assert_close(quantized(token_batch).logits, reference(token_batch).logits, rtol=1e-4, atol=1e-4)
 

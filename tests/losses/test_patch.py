@@ -28,16 +28,6 @@ FAMILY_CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Run single-threaded: tiny models issue many small ops, and on a loaded 2-core machine OpenMP
-    hand-offs between threads would dominate the test time (results do not depend on it)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 

@@ -24,15 +24,6 @@ LLAMA_KWARGS = dict(
 BIT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes run fastest on one thread on a shared machine; restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_llama(dtype: torch.dtype = torch.float32) -> nn.Module:
     """A 2-layer Llama built from config, with the input embedding tied to lm_head."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -73,12 +73,20 @@ def test_layerwise_galore_with_accumulation_and_clipping_resumes_exactly(tmp_pat
     assert resumed == full
 
 
+COMPRESSOR_STEPS = {"max_steps": 6}
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    """The uncompressed run the activation compressors are compared with (trained once for all of them)."""
+    return finetune(validate_recipe(tiny_recipe(tmp_path_factory.mktemp("plain") / "run", train=COMPRESSOR_STEPS)))
+
+
 @pytest.mark.parametrize("activations", [{"name": "mesa"}, {"name": "s2a"}, {"name": "wta_crs", "ratio": 0.5}])
-def test_activation_compressors_train_through_the_recipe(tmp_path, activations):
-    train = {"max_steps": 6}
-    plain = finetune(validate_recipe(tiny_recipe(tmp_path / "a", train=train)))
-    compressed = finetune(validate_recipe(tiny_recipe(tmp_path / "b", train=train, activations=activations)))
-    assert compressed.losses[0] == pytest.approx(plain.losses[0], rel=1e-6)  # forward is exact
+def test_activation_compressors_train_through_the_recipe(tmp_path, plain_run, activations):
+    compressed = finetune(validate_recipe(tiny_recipe(tmp_path / "b", train=COMPRESSOR_STEPS,
+                                                      activations=activations)))
+    assert compressed.losses[0] == pytest.approx(plain_run.losses[0], rel=1e-6)  # forward is exact
     assert compressed.losses[-1] < 0.7 * compressed.losses[0]
 
 
