@@ -10,7 +10,8 @@ import torch
 
 from memft.train.loop import finetune
 from memft.train.memory_estimate import recipe_memory
-from memft.train.recipe import validate_recipe
+from memft.recipe_files import RECIPES_DIR, shipped_recipes
+from memft.train.recipe import load_recipe, validate_recipe
 from memft.train.step import StepDriver, count_items
 
 # Packed text: every batch is full length, the planner's worst case, so both see the same shapes.
@@ -94,3 +95,19 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch():
     assert after[0][0] == pytest.approx(after[1][0], rel=1e-6)
     assert all(torch.allclose(after[0][1][k], after[1][1][k], atol=1e-6) for k in start)
     assert not torch.equal(after[0][1]["weight"], start["weight"])
+
+
+@pytest.mark.parametrize("name", shipped_recipes(kind="finetune"))
+def test_the_estimate_of_each_shipped_recipe_is_its_runs_tracked_peak(tmp_path, name):
+    """Each shipped recipe's methods, sizes and precision, on full-length (packed) batches for two steps."""
+    full_length = {"train": {"path": "memft:text", "format": "text", "max_examples": 400}, "packing": True,
+                   "eval_fraction": 0.0}
+    shipped = load_recipe(RECIPES_DIR / f"{name}.yaml")
+    data = {**full_length, "max_seq_len": shipped.data.max_seq_len}
+    recipe = load_recipe(RECIPES_DIR / f"{name}.yaml", [
+        f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.device=cpu", "memory.track_steps=2",
+        f"data={json.dumps(data)}"])
+    finetune(recipe)
+    tracked = json.loads((tmp_path / "run" / "memory.json").read_text())["peak_bytes"]
+    estimated = recipe_memory(recipe, device="cpu").peak_bytes
+    assert abs(estimated / tracked - 1) < 0.01, (estimated, tracked)
