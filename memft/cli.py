@@ -106,9 +106,14 @@ def cmd_validate(args) -> int:
 
         load_edit_recipe(path, args.overrides)
     else:
-        from memft.train.builders import check_compatibility
+        from memft.train.data import build_splits
+        from memft.train.memory_estimate import check_builds
+        from memft.train.models import load_tokenizer
 
-        check_compatibility(load_finetune_recipe(args.recipe, args.overrides))
+        recipe = load_finetune_recipe(args.recipe, args.overrides)
+        check_builds(recipe)  # model, methods and optimizer as a run starts, on fake tensors
+        for note in build_splits(recipe.data, load_tokenizer(recipe.model), recipe.train.seed).notes:
+            print(note)
     print(f"{args.recipe}: valid {kind} recipe.")
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -16,6 +17,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+import yaml  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -70,3 +72,21 @@ def crash_and_resume(tmp_path, crash_after: int, **sections) -> tuple[list[float
         crashing.run()
     resumed = finetune(validate_recipe(tiny_recipe(tmp_path / "b", **sections)), resume=True)
     return full.losses, resumed.losses
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run `memft.cli.main(args)` in this process; returns (exit code, stdout, stderr)."""
+    from memft.cli import main
+
+    def run(*args):
+        code = main([str(a) for a in args])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run

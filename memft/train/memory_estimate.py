@@ -9,35 +9,30 @@ optimizer comes from `builders.build_optimizer`, and each step is the training l
 from __future__ import annotations
 
 import dataclasses
-import json
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memft.errors import RecipeError
 from memft.memory import MemoryReport, hf_training_setup, list_configs
 from memft.methods import registry
 from memft.train import builders
-from memft.train.models import resolve_model_path
+from memft.train.models import load_config
 from memft.train.distributed import Engine
 from memft.train.recipe import Recipe
 from memft.train.step import StepDriver
 
 
 def recipe_config(recipe: Recipe, config: str | None) -> str | dict:
-    """The architecture config: `config` (shipped name or path), else the recipe model's config.json."""
+    """The architecture config: `config` (shipped name or path), else a shipped config named by the recipe,
+    else the recipe model's own config (memft.train.models.load_config: local directory, HF cache or hub)."""
     if config is not None:
         return config
-    path = Path(resolve_model_path(recipe.model.name_or_path))
-    if (path / "config.json").is_file():
-        return json.loads((path / "config.json").read_text())
     if recipe.model.name_or_path in list_configs():
         return recipe.model.name_or_path
-    raise RecipeError(f"model.name_or_path '{recipe.model.name_or_path}' is not a local directory with a "
-                      f"config.json, so its architecture is unknown offline. Pass --config with a shipped config "
-                      f"({', '.join(list_configs())}) or a path to a config.json.")
+    return load_config(recipe.model).to_dict()
 
 
 @contextmanager
@@ -87,6 +82,31 @@ def _refuse_unestimable(recipe: Recipe) -> None:
             raise RecipeError(reason)
 
 
+def _prepare(model, recipe: Recipe):
+    """`builders.prepare_model` for a fake-tensor model. LoRAM's taylor pruning scores units by gradients of
+    real data, which fake tensors do not have; magnitude pruning keeps the same number of units of every
+    layer, so the model, and its memory, have the same shapes."""
+    if getattr(recipe.adapter, "prune_method", "") == "taylor":
+        recipe = recipe.model_copy(update={"adapter": recipe.adapter.model_copy(update={"prune_method": "magnitude"})})
+    return builders.prepare_model(model, recipe).model
+
+
+def check_builds(recipe: Recipe) -> None:
+    """Build the recipe's model from its config, its methods and its optimizer on fake tensors (nothing is
+    allocated), so that `memft validate` refuses, with the same message, what would fail as a run starts."""
+    builders.check_compatibility(recipe)
+    try:
+        setup = hf_training_setup(recipe_config(recipe, None), recipe.model.dtype, 1, recipe.data.max_seq_len,
+                                  lambda model: builders.build_optimizer(model, recipe).optimizer,
+                                  recipe.model.gradient_checkpointing,
+                                  model_transform=lambda model: _prepare(model, recipe),
+                                  attn_implementation=recipe.model.attn_implementation)
+    except (ValueError, TypeError, OSError) as exc:
+        raise RecipeError(f"the model config cannot be built: {exc}") from exc
+    with FakeTensorMode(allow_non_fake_inputs=True), _module_to_without_swaps(), torch.device("cpu"):
+        setup.build_optimizer(setup.build_model())
+
+
 def recipe_memory(recipe: Recipe, config: str | None = None, device: str = "cuda", measure: bool = False,
                   name: str | None = None) -> MemoryReport:
     """Estimated (or, with `measure`, measured) peak of two optimizer steps of `recipe`, each the training
@@ -105,7 +125,7 @@ def recipe_memory(recipe: Recipe, config: str | None = None, device: str = "cuda
         return plan.optimizer
 
     def transform(model):
-        return builders.prepare_model(model, recipe).model
+        return _prepare(model, recipe)
 
     builders.check_compatibility(recipe, against_model=config is None)  # --config stands in for the model
     try:

@@ -1,4 +1,4 @@
-"""Fixtures for the reliability tests: small, fast runs of the bundled tiny Llama and a CLI runner."""
+"""Helpers for the reliability tests: small, fast runs of the bundled tiny Llama and memft as a process."""
 
 from __future__ import annotations
 
@@ -6,9 +6,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
-import yaml
 
 from tests.conftest import tiny_recipe
 
@@ -23,11 +20,6 @@ def small_recipe(output_dir, **sections) -> dict:
     return base
 
 
-def write_recipe(path: Path, recipe: dict) -> Path:
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
 def memft_process(*args, cwd=None, **kwargs) -> subprocess.Popen:
     """`memft ARGS` as a separate process (stdout and stderr piped, text)."""
     return subprocess.Popen([sys.executable, "-m", "memft.cli", *map(str, args)], cwd=cwd, text=True,
@@ -38,16 +30,3 @@ def step_lines(run: Path) -> list[dict]:
     """metrics.jsonl's per-step records without the timing fields (those differ between runs)."""
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in lines]
-
-
-@pytest.fixture
-def cli(capsys):
-    """Run `memft.cli.main(args)` in this process; returns (exit code, stdout, stderr)."""
-    from memft.cli import main
-
-    def run(*args):
-        code = main([str(a) for a in args])
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    return run

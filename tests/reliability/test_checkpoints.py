@@ -12,7 +12,8 @@ from memft.errors import RunError
 from memft.train import checkpoint
 from memft.train.loop import Trainer, finetune
 from memft.train.recipe import validate_recipe
-from tests.reliability.conftest import small_recipe, step_lines, write_recipe
+from tests.conftest import write_recipe
+from tests.reliability.conftest import small_recipe, step_lines
 
 STEPS = {"max_steps": 6, "save_every": 2, "keep_checkpoints": 3}
 

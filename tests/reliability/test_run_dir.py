@@ -18,7 +18,8 @@ from memft.errors import RunError
 from memft.train import run_dir
 from memft.train.loop import Trainer, finetune
 from memft.train.recipe import validate_recipe
-from tests.reliability.conftest import memft_process, small_recipe, step_lines, write_recipe
+from tests.conftest import write_recipe
+from tests.reliability.conftest import memft_process, small_recipe, step_lines
 
 
 def _crash(recipe: dict, after: int) -> None:
