@@ -378,8 +378,3 @@ def _keys_of(section: Any) -> list[str]:
     if isinstance(section, list):  # a method section whose method is unknown: every method's keys
         return sorted({k for m in section for k in m.model_fields})
     return list(section.model_fields) if isinstance(section, type) else []
-
-
-def method_names(section: str) -> list[str]:
-    """Method names accepted by a tagged section, e.g. method_names('optimizer')."""
-    return [m.name for m in registry.methods(section)]
