@@ -1,8 +1,9 @@
 """The `memft continual` and `memft edit` commands.
 
     memft continual RECIPE [key=value ...] [--resume] [--overwrite]
-        train a continual method on tasks in order (memft.continual.recipe.ContinualRecipe); writes the
-        checkpoint, results.json (R, baseline, metrics), results.md and accuracy.png into output_dir
+        train a continual method on tasks in order (memft.continual.recipe.ContinualRecipe) with the recipe's
+        optimizer and loss sections (those of fine-tuning recipes); writes the checkpoint, results.json (R,
+        baseline, metrics), results.md and accuracy.png into output_dir
     memft edit RECIPE [key=value ...]
         write the edits into a WISE side memory (memft.continual.recipe.EditRecipe); writes scores.json,
         scores.md and the side memory (wise.safetensors + wise.json) into output_dir
@@ -95,7 +96,8 @@ def cmd_continual(args) -> int:
         method = build_method(recipe.method.name, recipe.method.model_dump(exclude={"name"}))
     except ValueError as exc:
         raise RecipeError(f"method ({recipe.method.name}): {exc}") from exc
-    result = run_task_sequence(model, tokenizer, tasks, method, None, train, output_dir=out, resume=args.resume)
+    result = run_task_sequence(model, tokenizer, tasks, method, None, train, output_dir=out, resume=args.resume,
+                               optimizer=recipe.optimizer, loss=recipe.loss)
     m = result.metrics
     print(f"{recipe.method.name} on {', '.join(result.task_names)}: average accuracy {m['average_accuracy']:.3f}, "
           f"BWT {m['bwt']:+.3f}, forgetting {m['forgetting']:.3f}, FWT {m['fwt']:+.3f}. Results in {out} "

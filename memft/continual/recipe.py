@@ -5,6 +5,11 @@ Both are YAML files read and overridden by dotted `key=value` pairs exactly as f
 unknown keys are errors with a "did you mean", every problem is reported at once with its path, and each
 field has a help text. The top-level `kind` (`continual` or `edit`) tells these recipes apart from
 fine-tuning recipes (which have no `kind`).
+
+A continual recipe's `optimizer` and `loss` sections are the fine-tuning recipe's own (the registered
+method unions of memft.methods, same schemas and defaults; the default optimizer is adamw at the continual
+learning rate 2e-3). Settings a continual method cannot run with are refused when the recipe is validated
+(`combination_problems`), with the reason.
 """
 
 from __future__ import annotations
@@ -13,15 +18,22 @@ import difflib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from memft.continual.base import LLAMA_LINEAR
 from memft.continual.generate import TASKS
 from memft.errors import RecipeError
+from memft.methods import registry
+from memft.train import recipe as finetune_recipe
 from memft.train.recipe import ModelSection, apply_overrides, load_recipe_data
 
 BUNDLED_EDITS = "memft:edits"
 FINETUNE_SECTIONS = {"data", "optimizer", "activations", "loss", "adapter", "distributed", "memory"}
+CONTINUAL_LR = 2e-3  # learning rate of an adamw section that gives none (adapters train at a higher rate)
+MOVED_TO_OPTIMIZER = ("lr", "weight_decay")  # former train keys, now optimizer keys
+
+OptimizerSection = registry.union("optimizer")
+LossSection = registry.union("loss")
 
 
 class Section(BaseModel):
@@ -77,6 +89,7 @@ class MoRAMethod(Section):
 
 
 METHOD_SECTIONS: dict[str, type[Section]] = {"lora": LoRAMethod, "ilora": ILoRAMethod, "mora": MoRAMethod}
+TAGGED = ("method", "optimizer", "loss")  # tagged union sections of a continual recipe
 MethodSection = Annotated[Union[LoRAMethod, ILoRAMethod, MoRAMethod], Field(discriminator="name")]  # noqa: UP007
 
 
@@ -106,10 +119,9 @@ class TasksSection(Section):
 
 
 class ContinualTrainSection(Section):
-    steps_per_task: int = Field(100, ge=1, description="AdamW steps on each task (fresh optimizer per task).")
+    steps_per_task: int = Field(100, ge=1, description="Optimizer steps on each task (a fresh optimizer per "
+                                "task, constant learning rate).")
     batch_size: int = Field(8, ge=1, description="Sequences per step.")
-    lr: float = Field(2e-3, gt=0, description="Constant learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm; null disables.")
     max_seq_len: int = Field(256, ge=8, description="Longest example in tokens; longer rows are refused.")
     eval_batch_size: int = Field(64, ge=1, description="Sequences per evaluation batch.")
@@ -119,6 +131,37 @@ class ContinualTrainSection(Section):
                                                         "small models).")
     seed: int = Field(0, description="Seed of the data order and initialisation.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' uses CUDA when available.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_to_optimizer(cls, data: Any) -> Any:
+        moved = [key for key in MOVED_TO_OPTIMIZER if isinstance(data, dict) and key in data]
+        if moved:
+            raise ValueError(" and ".join(f"train.{key}" for key in moved) + " moved to the optimizer section (the "
+                             "fine-tuning recipe's): write " + " and ".join(f"optimizer.{key}" for key in moved)
+                             + f" instead, e.g. optimizer.{moved[0]}={data[moved[0]]}")
+        return data
+
+
+def _default_optimizer() -> Section:
+    return registry.get("optimizer", "adamw").schema(lr=CONTINUAL_LR)
+
+
+def _default_loss() -> Section:
+    return registry.get("loss", registry.DEFAULTS["loss"]).schema()
+
+
+def _with_defaults(data: dict, key: str) -> dict:
+    """A method section without `name` takes the default method; an adamw section without `lr` the continual
+    learning rate."""
+    section = data.get(key)
+    if not isinstance(section, dict):
+        return data
+    if "name" not in section:
+        section = {"name": registry.DEFAULTS[key], **section}
+    if key == "optimizer" and section["name"] == "adamw" and "lr" not in section:
+        section = {**section, "lr": CONTINUAL_LR}
+    return {**data, key: section}
 
 
 class ContinualRecipe(Section):
@@ -131,6 +174,14 @@ class ContinualRecipe(Section):
     tasks: TasksSection = Field(default_factory=TasksSection, description="Tasks, in training order.")
     train: ContinualTrainSection = Field(default_factory=ContinualTrainSection, description="How each task is "
                                          "trained and evaluated.")
+    optimizer: OptimizerSection = Field(default_factory=_default_optimizer, description="Optimizer of the "
+                                        "method's trainable parameters, a fresh one per task: the fine-tuning "
+                                        "recipe's optimizer section (adamw, adamw8bit, sgd, mezo, the galore "
+                                        f"family). Default adamw with lr {CONTINUAL_LR} (also the lr of an adamw "
+                                        "section that gives none); GaLore projects the method's matrices.")
+    loss: LossSection = Field(default_factory=_default_loss, description="Loss computation: the fine-tuning "
+                              "recipe's loss section (cross_entropy, or cut_cross_entropy for methods whose loss "
+                              "is the model's own).")
     output_dir: str = Field("runs/continual", description="Directory for the checkpoint, results.json, "
                             "results.md and accuracy.png.")
 
@@ -139,7 +190,113 @@ class ContinualRecipe(Section):
     def _default_method_name(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("method"), dict) and "name" not in data["method"]:
             data = {**data, "method": {"name": "lora", **data["method"]}}
+        if isinstance(data, dict):
+            data = _with_defaults(_with_defaults(data, "optimizer"), "loss")
         return data
+
+    @model_validator(mode="after")
+    def _combinations(self) -> ContinualRecipe:
+        problems = combination_problems(self.method.name, self.method, self.optimizer, self.loss,
+                                        self.train.max_grad_norm, self.model)
+        if problems:
+            raise ValueError("The recipe combines settings that cannot work together: "
+                             + " ".join(f"({i}) {p}." for i, p in enumerate(problems, 1)))
+        return self
+
+
+# ---------------------------------------------------------------------------------- combinations
+_MEZO_ILORA = ("runs the loss 2 x n_samples times per step at perturbed weights, but I-LoRA's loss draws a "
+               "replay batch from its reservoir and adds the current batch to it each time it runs: the "
+               "perturbed passes would score different replay batches (no finite difference of one function) "
+               "and every batch would enter the buffer several times; use a backprop optimizer (adamw, "
+               "adamw8bit, sgd or the galore family) with method ilora")
+_MEZO_MORA_KEYS = ("runs its forward passes in eval mode (optimizer.dropout false), in which MoRA records no "
+                   "inputs of the task, so method.input_subspace_energy would protect nothing; set "
+                   "optimizer.dropout true (train-mode passes) or method.input_subspace_energy null")
+_LOSS_ILORA = ("replaces the loss the model computes from labels, but I-LoRA computes its cross-entropies "
+               "itself, from the logits of one forward pass over current and replayed rows (each with its own "
+               "mean), beside the hidden-state consistency term: the patched loss would never run; use loss "
+               "cross_entropy with method ilora")
+
+
+def step_recipe(optimizer: Section, loss: Section, max_grad_norm: float | None,
+                model: ModelSection | None = None):
+    """The fine-tuning recipe the shared builders and refusals see for a continual run: its optimizer, loss,
+    model and gradient clipping, everything else at the fine-tuning defaults (one process, no adapter, no
+    activation compression, no mixed precision)."""
+    return finetune_recipe.Recipe.model_validate({"model": model or ModelSection(), "optimizer": optimizer,
+                                                  "loss": loss, "train": {"max_grad_norm": max_grad_norm}})
+
+
+def combination_problems(method: str, options: Any, optimizer: Section, loss: Section,
+                         max_grad_norm: float | None = 1.0, model: ModelSection | None = None) -> list[str]:
+    """Why the continual `method` (its name and options) cannot train with this optimizer and loss section
+    (empty when it can): the registered refusals of the optimizer and loss methods, then what a continual
+    method's training loss needs. I-LoRA's consistency loss and MoRA's routing are ordinary differentiable
+    losses, so every backprop optimizer (layer-wise GaLore included) runs them; MeZO runs sequential LoRA and
+    MoRA (their losses are pure functions of the weights; MoRA's input_subspace_energy records inputs in
+    train mode only, so it needs optimizer.dropout true) but not I-LoRA (its loss changes the replay buffer);
+    cut cross-entropy needs the method's loss to be the model's own loss from labels (LoRA, MoRA); a GaLore
+    rank above method.r compresses nothing."""
+    recipe = step_recipe(optimizer, loss, max_grad_norm, model)
+    problems: list[str] = []
+    for section in ("optimizer", "loss"):
+        problems += registry.get(section, getattr(recipe, section).name).refuses(recipe)
+    zeroth_order = registry.get("optimizer", optimizer.name).step_kind(optimizer) == "zeroth_order"
+    if zeroth_order and method == "ilora":
+        problems.append(f"optimizer {optimizer.name} {_MEZO_ILORA}")
+    if (zeroth_order and method == "mora" and getattr(options, "input_subspace_energy", None) is not None
+            and not getattr(optimizer, "dropout", False)):
+        problems.append(f"optimizer {optimizer.name} {_MEZO_MORA_KEYS}")
+    if registry.get("loss", loss.name).build is not None and method == "ilora":
+        problems.append(f"loss {loss.name} {_LOSS_ILORA}")
+    rank, r = getattr(optimizer, "rank", None), getattr(options, "r", None)
+    if rank is not None and r is not None and rank > r:
+        problems.append(f"optimizer.rank={rank} is above method.r={r}: {optimizer.name} projects the continual "
+                        f"method's trainable matrices (r x d keys or factors, d x r values), whose smaller side is "
+                        f"r, so no gradient would be compressed; set optimizer.rank to at most {r}")
+    return problems
+
+
+def optimizer_section(value: Any = None) -> Section:
+    """An optimizer section from a section, a dict (`name` defaults to adamw; adamw's `lr` to 2e-3) or None."""
+    return _section("optimizer", value)
+
+
+def loss_section(value: Any = None) -> Section:
+    """A loss section from a section, a dict (`name` defaults to cross_entropy) or None."""
+    return _section("loss", value)
+
+
+def _section(key: str, value: Any) -> Section:
+    if isinstance(value, BaseModel):
+        return value
+    if value is None:
+        return _default_optimizer() if key == "optimizer" else _default_loss()
+    if not isinstance(value, dict):
+        raise TypeError(f"{key} must be a dict or a recipe {key} section, got {type(value).__name__}.")
+    data = _with_defaults({key: value}, key)[key]
+    union = OptimizerSection if key == "optimizer" else LossSection
+    try:
+        return TypeAdapter(union).validate_python(data)
+    except ValidationError as exc:
+        lines = [_describe_in(key, err) for err in exc.errors()]
+        raise ValueError(f"{key}: " + "; ".join(lines)) from exc
+
+
+def _describe_in(key: str, err: dict) -> str:
+    loc = list(err["loc"])
+    if loc and loc[0] in _tags(key):
+        del loc[0]
+    where = ".".join(str(p) for p in [key, *loc])
+    return f"{where}: {err['msg'].removeprefix('Value error, ')}"
+
+
+def _tags(key: str) -> dict[str, type[BaseModel]]:
+    """Tag -> schema of a tagged section of the continual recipe (method, optimizer, loss)."""
+    if key == "method":
+        return dict(METHOD_SECTIONS)
+    return {m.name: m.schema for m in registry.methods(key)}
 
 
 # --------------------------------------------------------------------------------------------- edits
@@ -208,7 +365,7 @@ def load_edit_recipe(path: str | Path | None, overrides: list[str] | None = None
 def _load(schema: type[Section], path: str | Path | None, overrides: list[str] | None):
     data = load_recipe_data(path) if path is not None else {}
     kind = schema.model_fields["kind"].default
-    finetune_keys = sorted(set(data) & FINETUNE_SECTIONS)
+    finetune_keys = sorted(set(data) & (FINETUNE_SECTIONS - set(schema.model_fields)))  # sections it lacks
     if "kind" not in data and finetune_keys:
         raise RecipeError(f"Recipe '{path}' looks like a fine-tuning recipe (it has {', '.join(finetune_keys)} and "
                           f"no `kind`): run it with `memft finetune`, or write a {kind} recipe with `kind: {kind}` "
@@ -229,10 +386,12 @@ def _load(schema: type[Section], path: str | Path | None, overrides: list[str] |
 
 def _describe(schema: type[BaseModel], err: dict) -> str:
     loc = list(err["loc"])
-    if len(loc) > 1 and loc[0] == "method" and loc[1] in METHOD_SECTIONS:  # drop the union tag pydantic adds
+    if len(loc) > 1 and loc[0] in TAGGED and loc[1] in _tags(loc[0]):  # drop the union tag pydantic adds
         del loc[1]
     path = ".".join(str(p) for p in loc) or "(top level)"
     kind, ctx = err["type"], err.get("ctx", {})
+    if kind == "value_error" and not loc:
+        return err["msg"].removeprefix("Value error, ")
     if kind == "extra_forbidden":
         known = _known_keys(schema, err["loc"][:-1])
         close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
@@ -250,12 +409,14 @@ def _describe(schema: type[BaseModel], err: dict) -> str:
 def _known_keys(schema: type[BaseModel], loc: tuple) -> list[str]:
     """Keys of the section at `loc` (pydantic's location, union tags included)."""
     model: Any = schema
+    tags: dict[str, type[BaseModel]] = {}
     for part in loc:
-        if isinstance(model, type) and issubclass(model, BaseModel) and part in model.model_fields:
+        if part in tags:
+            model, tags = tags[part], {}
+        elif isinstance(model, type) and issubclass(model, BaseModel) and part in model.model_fields:
             annotation = model.model_fields[part].annotation
             model = _first_model(annotation)
-        elif part in METHOD_SECTIONS:
-            model = METHOD_SECTIONS[part]
+            tags = _tags(part) if part in TAGGED else {}
         elif isinstance(part, int):
             continue
         else:

@@ -13,10 +13,16 @@ step kind (memft.train.builders.OptimizerPlan):
                   each backward tells them where the accumulation window stands); `step()` finishes
     zeroth_order  MeZO: no backward; one `step(closure)` on the step's loss, forward passes in eval mode
                   (no dropout) unless the optimizer section says `dropout: true`
+
+The loss of a micro-batch is `loss_fn(model, batch, num_items)`, by default `model_loss`: the model's own
+loss (`num_items_in_batch`, no KV cache). Another loss function (the continual harness passes a method's
+`training_loss`) returns that micro-batch's share of the step's loss in the same way; it runs under the
+step's autocast and, for zeroth_order, under no_grad in the closure.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -32,17 +38,34 @@ def count_items(micro_batches: list[dict]) -> int:
     return int(sum((b["labels"][:, 1:] != -100).sum() for b in micro_batches))
 
 
+def model_loss(model, batch: dict, num_items: int) -> torch.Tensor:
+    """The model's own loss of `batch`: its token-loss sum divided by `num_items`."""
+    mask = batch.get("attention_mask")
+    if mask is not None and not is_fake(mask) and bool(mask.all()):
+        # No padding: without a mask transformers attends causally all the same, and builds no mask
+        # tensors (compressed attention would otherwise keep them), exactly as the planner's batches.
+        batch = {k: v for k, v in batch.items() if k != "attention_mask"}
+    # no KV cache: training never reads it, and it would keep every layer's K and V alive
+    return model(**batch, num_items_in_batch=num_items, use_cache=False).loss
+
+
+LossFn = Callable[[torch.nn.Module, dict, int], torch.Tensor]
+
+
 class StepDriver:
     """Runs optimizer steps of one recipe: `driver.step(model, optimizer, micro_batches)`.
 
     `engine` (memft.train.distributed) does the backward and the step; `forward_dropout` keeps dropout on in
-    zeroth-order forward passes. `skipped` tells whether the last step was skipped (fp16 overflow).
+    zeroth-order forward passes; `loss_fn(model, batch, num_items)` is a micro-batch's loss (default
+    `model_loss`). `skipped` tells whether the last step was skipped (fp16 overflow).
     """
 
     def __init__(self, kind: str, engine: Engine, accelerator, processes: Processes = Processes(), *,
-                 mixed_precision: str = "no", max_grad_norm: float | None = None, forward_dropout: bool = False):
+                 mixed_precision: str = "no", max_grad_norm: float | None = None, forward_dropout: bool = False,
+                 loss_fn: LossFn | None = None):
         self.kind, self.engine, self.accelerator, self.processes = kind, engine, accelerator, processes
         self.max_grad_norm, self.forward_dropout = max_grad_norm, forward_dropout
+        self.loss_fn = model_loss if loss_fn is None else loss_fn
         self.autocast_dtype = AUTOCAST_DTYPES.get(mixed_precision) if engine.step_owns_precision else None
         self.scaler = None
         if mixed_precision == "fp16" and engine.step_owns_precision and kind != "zeroth_order":
@@ -56,17 +79,12 @@ class StepDriver:
                    max_grad_norm=t.max_grad_norm, forward_dropout=bool(getattr(recipe.optimizer, "dropout", False)))
 
     def loss(self, model, batch: dict, num_items: int) -> torch.Tensor:
-        """The micro-batch's token-loss sum divided by `num_items`, under the step's autocast."""
+        """The micro-batch's token-loss sum divided by `num_items` (`loss_fn`), under the step's autocast."""
         device = batch["input_ids"].device.type
-        mask = batch.get("attention_mask")
-        if mask is not None and not is_fake(mask) and bool(mask.all()):
-            # No padding: without a mask transformers attends causally all the same, and builds no mask
-            # tensors (compressed attention would otherwise keep them), exactly as the planner's batches.
-            batch = {k: v for k, v in batch.items() if k != "attention_mask"}
         autocast = (torch.autocast(device, dtype=self.autocast_dtype) if self.autocast_dtype is not None
                     else nullcontext())
-        with autocast:  # no KV cache: training never reads it, and it would keep every layer's K and V alive
-            return model(**batch, num_items_in_batch=num_items, use_cache=False).loss
+        with autocast:
+            return self.loss_fn(model, batch, num_items)
 
     def step(self, model, optimizer, micro: list[dict], num_items: int | None = None):
         """One optimizer step over `micro` (already on the model's device). Returns the step's mean token

@@ -19,7 +19,8 @@ import torch
 from memft.continual import MoRA, MoRAOptions, run_task_sequence, synthetic_suite
 from memft.continual.serialization import load_state
 
-TRAIN = {"steps_per_task": 60, "batch_size": 8, "lr": 5e-3, "prompt_format": "compact", "max_eval_examples": 48}
+TRAIN = {"steps_per_task": 60, "batch_size": 8, "prompt_format": "compact", "max_eval_examples": 48}
+ADAMW = {"name": "adamw", "lr": 5e-3}
 BWT_MARGIN = 0.2
 
 
@@ -40,10 +41,10 @@ class RecordingMoRA(MoRA):
 def runs(load_tiny, tokenizer):
     tasks = synthetic_suite(["animals", "colours"])
     mora = RecordingMoRA(MoRAOptions(input_subspace_energy=0.95))
-    results = {"mora": run_task_sequence(load_tiny(), tokenizer, tasks, mora, train_options=TRAIN)}
-    results["lora"] = run_task_sequence(load_tiny(), tokenizer, tasks, "lora", train_options=TRAIN)
+    results = {"mora": run_task_sequence(load_tiny(), tokenizer, tasks, mora, train_options=TRAIN, optimizer=ADAMW)}
+    results["lora"] = run_task_sequence(load_tiny(), tokenizer, tasks, "lora", train_options=TRAIN, optimizer=ADAMW)
     results["ilora"] = run_task_sequence(load_tiny(), tokenizer, tasks, "ilora", {"replay_batch_size": 4},
-                                         train_options=TRAIN)
+                                         train_options=TRAIN, optimizer=ADAMW)
     for name, result in results.items():
         print(f"\n{name}: R={result.accuracy} metrics={result.metrics}")
     return results, mora
@@ -87,9 +88,10 @@ def test_ilora_resumes_mid_sequence_exactly(load_tiny, tokenizer, tmp_path):
     tasks = synthetic_suite(["animals", "colours", "words"])
     short = {**TRAIN, "steps_per_task": 3, "max_eval_examples": 4}
     options = {"buffer_size": 16, "replay_batch_size": 4}
-    straight = run_task_sequence(load_tiny(), tokenizer, tasks, "ilora", options, short, output_dir=tmp_path / "a")
+    straight = run_task_sequence(load_tiny(), tokenizer, tasks, "ilora", options, short, output_dir=tmp_path / "a",
+                                 optimizer=ADAMW)
     first = run_task_sequence(load_tiny(), tokenizer, tasks, "ilora", options, short, output_dir=tmp_path / "b",
-                              max_tasks=2)
+                              max_tasks=2, optimizer=ADAMW)
     assert len(first.accuracy) == 2
     middle = load_state(tmp_path / "b", "checkpoint")
     assert middle["progress"]["next_task"] == 2 and len(middle["method"]["buffer"]["input_ids"]) == 16
@@ -98,7 +100,7 @@ def test_ilora_resumes_mid_sequence_exactly(load_tiny, tokenizer, tmp_path):
     blob.seek(0)
     torch.load(blob, weights_only=True)
     resumed = run_task_sequence(load_tiny(), tokenizer, tasks, "ilora", options, short, output_dir=tmp_path / "b",
-                                resume=True)
+                                resume=True, optimizer=ADAMW)
     assert resumed.accuracy == straight.accuracy and resumed.losses == straight.losses
     end_a = load_state(tmp_path / "a", "checkpoint")["method"]
     end_b = load_state(tmp_path / "b", "checkpoint")["method"]
