@@ -3,25 +3,26 @@ resumes from its checkpoint."""
 
 import pytest
 
-from tests.distributed.conftest import GALORE, single_process_losses
+from tests.distributed.conftest import GALORE, STEPS
 
 MEZO = ("optimizer.name=mezo", "optimizer.lr=1e-3", "optimizer.eps=1e-2", "train.max_grad_norm=null")
 
 
-def test_ddp_galore_matches_single_process_and_resumes(tmp_path, run_two_processes):
+def test_ddp_galore_matches_single_process_and_resumes(single_process, two_processes_resumed):
     """GaLore projects the all-reduced gradient: the subspace computed at step 0 comes from the global
-    gradient on every process, so the run equals one process on the whole batch, across a resume at step 2
-    (which restores the projector and the low-rank moments)."""
-    one = single_process_losses(tmp_path, *GALORE)
-    two = run_two_processes("ddp", *GALORE)
-    assert sorted(two) == [1, 2, 3, 4]
+    gradient on every process, so the run equals one process on the whole batch, across a resume after
+    step 1 (which restores the projector and the low-rank moments)."""
+    one = single_process(*GALORE).losses
+    two = two_processes_resumed("ddp", *GALORE).losses
+    assert sorted(two) == list(range(1, STEPS + 1))
     for step, loss in one.items():
         assert two[step] == pytest.approx(loss, rel=1e-5), (step, one, two)
 
 
-def test_ddp_mezo_matches_single_process(tmp_path, run_two_processes):
+def test_ddp_mezo_matches_single_process(single_process, two_processes):
     """Same seed on every process, one scalar all-reduce per forward: the same update as one process."""
-    one = single_process_losses(tmp_path, *MEZO)
-    two = run_two_processes("ddp", *MEZO, resume=False)
+    one = single_process(*MEZO).losses
+    two = two_processes("ddp", *MEZO).losses
+    assert sorted(two) == list(range(1, STEPS + 1))
     for step, loss in one.items():
         assert two[step] == pytest.approx(loss, rel=1e-5), (step, one, two)

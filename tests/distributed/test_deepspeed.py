@@ -3,16 +3,18 @@ loss falls as in the single-process run, and its per-process checkpoints resume.
 
 import pytest
 
-from tests.distributed.conftest import single_process_losses
+from tests.distributed.conftest import STEPS
 
 pytest.importorskip("deepspeed")
 
 
-def test_deepspeed_zero2_matches_single_process_and_resumes(tmp_path, run_two_processes):
-    one = single_process_losses(tmp_path)
-    two = run_two_processes("deepspeed")
-    assert two[4] < two[1]
+def test_deepspeed_zero2_matches_single_process_and_resumes(single_process, two_processes_resumed):
+    one = single_process().losses
+    two = two_processes_resumed("deepspeed")
+    losses = two.losses
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert losses[STEPS] < losses[1]
     for step, loss in one.items():
-        assert two[step] == pytest.approx(loss, rel=1e-5), (step, one, two)
-    checkpoint = tmp_path / "deepspeed" / "checkpoints" / "step-0000004"
+        assert losses[step] == pytest.approx(loss, rel=1e-5), (step, one, losses)
+    checkpoint = two.out / "checkpoints" / f"step-{STEPS:07d}"
     assert {p.name for p in checkpoint.glob("optimizer-rank*.pt")} == {"optimizer-rank0.pt", "optimizer-rank1.pt"}
