@@ -57,7 +57,11 @@ def cmd_finetune(args) -> int:
 
         check_compatibility(recipe)  # refuse before starting processes
         return _launch_processes(recipe.distributed.nproc_per_node, args.argv)
-    result = finetune(recipe, resume=args.resume if args.resume is not None else False, overwrite=args.overwrite)
+    try:
+        result = finetune(recipe, resume=args.resume if args.resume is not None else False,
+                          overwrite=args.overwrite)
+    finally:
+        _leave_process_group()
     if os.environ.get("RANK", "0") != "0":
         return 0  # the main process reports
     if result.interrupted:
@@ -69,6 +73,15 @@ def cmd_finetune(args) -> int:
           + (f", eval loss {result.eval['eval_loss']:.4f}" if result.eval else "")
           + f". Model in {result.output_dir / 'final'}")
     return 0
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group a multi-process run joined, before the interpreter exits: a gloo group left
+    to the exit handlers can abort a process ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def without_nproc(argv: list[str]) -> list[str]:
