@@ -65,8 +65,10 @@ def cmd_finetune(args) -> int:
     if os.environ.get("RANK", "0") != "0":
         return 0  # the main process reports
     if result.interrupted:
-        print(f"Interrupted at step {result.steps}; checkpoint saved. Continue with: memft finetune "
-              f"{args.recipe} {' '.join(args.overrides)} --resume".rstrip(), file=sys.stderr)
+        done = (f"Interrupted at step {result.steps}; checkpoint saved." if result.losses else
+                "Interrupted before the first step of this run; nothing new was trained or saved.")
+        print(f"{done} Continue with: memft finetune {args.recipe} {' '.join(args.overrides)} --resume".rstrip(),
+              file=sys.stderr)
         return 130
     first, last = result.losses[0] if result.losses else float("nan"), result.losses[-1] if result.losses else 0
     print(f"Finished {result.steps} steps: loss {first:.4f} -> {last:.4f}"

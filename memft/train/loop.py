@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,11 +62,15 @@ class Trainer:
         self.accelerator = self.engine.accelerator(on_cpu)
         self.processes = procs = current_processes()
         self.lock = None
-        if procs.is_main:
-            self.lock, notes = run_dir.prepare(self.out, recipe.model_dump(mode="json"), bool(resume), overwrite)
-            self._say(*notes)
-        procs.barrier()
+        # Ctrl-C is caught from here on: during start-up it stops the run before its first step (a library
+        # that swallows KeyboardInterrupt while loading cannot lose it); a second Ctrl-C stops at once.
+        self._stop_requested = False
+        self._previous_handler = _catch_ctrl_c(self._request_stop)
         try:
+            if procs.is_main:
+                self.lock, notes = run_dir.prepare(self.out, recipe.model_dump(mode="json"), bool(resume), overwrite)
+                self._say(*notes)
+            procs.barrier()
             self._load(recipe)
         except BaseException:
             self._release()
@@ -92,7 +97,7 @@ class Trainer:
         self.optimizer, self.scheduler = self.plan.optimizer, built["scheduler"]
         self.driver = StepDriver.for_recipe(recipe, self.plan.step_kind, self.engine, self.accelerator, procs)
         self.order = BatchOrder(len(self.splits.train), t.batch_size, t.seed, procs.rank, procs.world)
-        self.step, self.tokens_seen, self._stop_requested = 0, 0, False
+        self.step, self.tokens_seen = 0, 0
         self.memory = RunMemory(self.engine.unwrap(self.model), built["optimizer"], self.accelerator.device,
                                 recipe.memory.track_steps)
 
@@ -196,7 +201,6 @@ class Trainer:
             self._resume(self.resume)
         result = RunResult(self.out, self.step)
         metrics = open(self.out / "metrics.jsonl", "a") if self.processes.is_main else None
-        previous_handler = signal.signal(signal.SIGINT, self._request_stop)
         self.model.train()
         try:
             with Progress(t.max_steps, self.step, enabled=self.processes.is_main) as progress:
@@ -223,13 +227,13 @@ class Trainer:
             figures = self.memory.run()
             result.peak_bytes = figures.get("run_tracked_peak_bytes", figures.get("run_cuda_peak_allocated_bytes"))
             _write_memory_report(self.memory, self.recipe, self.out, self.processes.rank)
-            self.save()
+            if result.losses or not result.interrupted:  # stopped before its first step: nothing new to save
+                self.save()
             if not result.interrupted:
                 result.eval = self.evaluate()
                 self._write(metrics, {"step": self.step, **result.eval})
                 self._save_final()
         finally:
-            signal.signal(signal.SIGINT, previous_handler)
             if metrics:
                 metrics.close()
             self._release()
@@ -237,9 +241,13 @@ class Trainer:
         return result
 
     def _release(self) -> None:
+        """Give back the run directory and the Ctrl-C handler (at the end of the run, or a failed start)."""
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
 
     def _say(self, *notes: str) -> None:
         """Notes for the user, printed by the main process before training (stderr, like warnings)."""
@@ -251,8 +259,8 @@ class Trainer:
             raise KeyboardInterrupt
         self._stop_requested = True
         if self.processes.is_main:
-            self._say("Ctrl-C: stopping after this step and saving a checkpoint; press Ctrl-C again to stop at "
-                      "once (the latest checkpoint is kept).")
+            self._say("Ctrl-C: stopping at the end of the current step (before the first one during start-up), "
+                      "with a checkpoint; press Ctrl-C again to stop at once (the latest checkpoint is kept).")
 
     def _write(self, handle, record: dict) -> None:
         if handle is not None and record:
@@ -311,6 +319,14 @@ def _write_memory_report(memory: RunMemory, recipe: Recipe, out: Path, rank: int
     if rank:
         report.meta["process"] = rank
     report.save(out, stem="memory" if rank == 0 else f"memory-rank{rank}")
+
+
+def _catch_ctrl_c(handler):
+    """Install `handler` for SIGINT and return the previous one (None where signals cannot be caught: a
+    thread other than the main one)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, handler)
 
 
 def _quiet_libraries() -> None:

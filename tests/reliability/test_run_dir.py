@@ -165,7 +165,7 @@ def test_ctrl_c_at_start_up_prints_no_traceback(tmp_path):
     early.send_signal(signal.SIGINT)
     _, err = early.communicate(timeout=120)
     assert early.returncode == 130 and "Traceback" not in err
-    assert "interrupted (Ctrl-C)" in err or "Interrupted at step" in err
+    assert "Ctrl-C: stopping at the end of the current step" in err and "Interrupted " in err
 
 
 def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path, cli, monkeypatch):
@@ -180,7 +180,7 @@ def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path, cli, monkey
     monkeypatch.setattr(Trainer, "train_step", two_ctrl_c)
     recipe = write_recipe(tmp_path / "r.yaml", small_recipe(tmp_path / "run", train={"save_every": 1}))
     code, _, err = cli("finetune", recipe)
-    assert code == 130 and "stopping after this step" in err and "stopped at once" in err
+    assert code == 130 and "stopping at the end of the current step" in err and "stopped at once" in err
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-0000002"
     monkeypatch.setattr(Trainer, "train_step", original)
     assert cli("finetune", recipe, "--resume")[0] == 0
