@@ -51,25 +51,33 @@ def recipe_dict(tmp_path):
     return tiny_recipe(tmp_path / "run")
 
 
+def crash(recipe: dict, after: int) -> None:
+    """Run `recipe` and die (SystemExit, a power cut) once `after` steps are done."""
+    from memft.train.loop import Trainer
+    from memft.train.recipe import validate_recipe
+
+    trainer = Trainer(validate_recipe(recipe))
+    original = trainer.train_step
+
+    def power_cut(micro):
+        if trainer.step == after:
+            raise SystemExit("power cut")
+        return original(micro)
+
+    trainer.train_step = power_cut
+    with pytest.raises(SystemExit):
+        trainer.run()
+
+
 def crash_and_resume(tmp_path, crash_after: int, **sections) -> tuple[list[float], list[float]]:
     """Run a tiny recipe uninterrupted (in tmp_path/a) and again (in tmp_path/b) with a crash once
     `crash_after` steps are done, then resume b from its latest checkpoint. Returns the uninterrupted
     losses and the resumed run's losses."""
-    from memft.train.loop import Trainer, finetune
+    from memft.train.loop import finetune
     from memft.train.recipe import validate_recipe
 
     full = finetune(validate_recipe(tiny_recipe(tmp_path / "a", **sections)))
-    crashing = Trainer(validate_recipe(tiny_recipe(tmp_path / "b", **sections)))
-    original = crashing.train_step
-
-    def power_cut(micro):
-        if crashing.step == crash_after:
-            raise SystemExit("power cut")
-        return original(micro)
-
-    crashing.train_step = power_cut
-    with pytest.raises(SystemExit):
-        crashing.run()
+    crash(tiny_recipe(tmp_path / "b", **sections), crash_after)
     resumed = finetune(validate_recipe(tiny_recipe(tmp_path / "b", **sections)), resume=True)
     return full.losses, resumed.losses
 
@@ -90,3 +98,22 @@ def cli(capsys):
         return code, out.out, out.err
 
     return run
+
+
+class FakeAllocator:
+    """The CUDA caching allocator's peak counters, for a machine without a GPU."""
+
+    def __init__(self):
+        self.peak, self.resets = 0, 0
+
+    def allocate(self, nbytes: int) -> None:
+        self.peak = max(self.peak, nbytes)
+
+    def max_memory_allocated(self, device=None) -> int:
+        return self.peak
+
+    def max_memory_reserved(self, device=None) -> int:
+        return self.peak + 512
+
+    def reset_peak_memory_stats(self, device=None) -> None:
+        self.peak, self.resets = 0, self.resets + 1

@@ -47,9 +47,9 @@ def prepare_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dict
     """Apply the adapter, then activation compression, then the loss patch. `calibration`: a few training
     batches for methods that score the model on data (LoRAM's taylor pruning)."""
     prepared = PreparedModel(model)
-    # Methods are applied to the model in the mode it trains in. `from_pretrained` returns it in eval mode, and
-    # compressors applied then kept up to 45% more activation bytes once training began (Mesa on the tiny
-    # Llama: 10.1 MB instead of 7.0 MB; tests/train/test_step.py compares the loop with the planner).
+    # Methods are applied to the model in the mode it trains in: `from_pretrained` returns it in eval mode, and
+    # compressors applied then kept more activation bytes once training began (tests/train/test_step.py holds
+    # each compressor's run to the planner, which builds its model in train mode).
     model.train()
     for section in ("adapter", "activations", "loss"):  # the adapter first: the others patch its modules too
         options = getattr(recipe, section)

@@ -117,7 +117,8 @@ class Trainer:
 
     def train_step(self, micro: list[dict]) -> float:
         """One optimizer step over `micro` (memft.train.step); returns the step's mean token loss."""
-        micro = [{k: v.to(self.accelerator.device) for k, v in b.items()} for b in micro]
+        tokens = int(self.processes.sum(float(sum(b["attention_mask"].sum() for b in micro))))
+        micro = [{k: v.to(self.accelerator.device) for k, v in _without_full_mask(b).items()} for b in micro]
         loss = float(self.driver.step(self.model, self.optimizer, micro))
         if not math.isfinite(loss):
             raise RunError(f"The loss became {loss} at step {self.step + 1}; training stopped. The last good "
@@ -125,8 +126,7 @@ class Trainer:
                            "train.max_grad_norm, or use bfloat16/float32.")
         if not self.driver.skipped:
             self.scheduler.step()
-        procs = self.processes
-        self.tokens_seen += int(procs.sum(float(sum(b["attention_mask"].sum() for b in micro))))
+        self.tokens_seen += tokens
         return loss
 
     @torch.no_grad()
@@ -319,6 +319,15 @@ def _write_memory_report(memory: RunMemory, recipe: Recipe, out: Path, rank: int
     if rank:
         report.meta["process"] = rank
     report.save(out, stem="memory" if rank == 0 else f"memory-rank{rank}")
+
+
+def _without_full_mask(batch: dict) -> dict:
+    """The batch without its attention mask when it has no padding (checked on the CPU, before the transfer):
+    transformers then attends causally all the same and builds no mask tensors, which compressed attention
+    would keep, exactly as the planner's batches."""
+    if bool(batch["attention_mask"].all()):
+        return {k: v for k, v in batch.items() if k != "attention_mask"}
+    return batch
 
 
 def _catch_ctrl_c(handler):

@@ -40,11 +40,6 @@ def count_items(micro_batches: list[dict]) -> int:
 
 def model_loss(model, batch: dict, num_items: int) -> torch.Tensor:
     """The model's own loss of `batch`: its token-loss sum divided by `num_items`."""
-    mask = batch.get("attention_mask")
-    if mask is not None and not is_fake(mask) and bool(mask.all()):
-        # No padding: without a mask transformers attends causally all the same, and builds no mask
-        # tensors (compressed attention would otherwise keep them), exactly as the planner's batches.
-        batch = {k: v for k, v in batch.items() if k != "attention_mask"}
     # no KV cache: training never reads it, and it would keep every layer's K and V alive
     return model(**batch, num_items_in_batch=num_items, use_cache=False).loss
 

@@ -35,6 +35,7 @@ from memft.optimizers.mezo import MeZO
 from memft.train.data import build_splits, collate
 from memft.train.models import resolve_model_path
 from memft.train.recipe import DataSection, Recipe
+from tests.conftest import FakeAllocator
 
 MODEL = resolve_model_path("memft:tiny-llama")
 
@@ -352,25 +353,6 @@ def test_memft_trainer_attaches_its_memory_callback(tmp_path, rows, tokenizer):
     assert final[0]["memory/run_tracked_peak_activations_bytes"] == 0  # and save nothing for backward
     report = callback.report()
     assert report.peak_bytes == final[0]["memory/run_tracked_peak_bytes"]
-
-
-class FakeAllocator:
-    """The CUDA caching allocator's peak counters, for a machine without a GPU."""
-
-    def __init__(self):
-        self.peak, self.resets = 0, 0
-
-    def allocate(self, nbytes: int) -> None:
-        self.peak = max(self.peak, nbytes)
-
-    def max_memory_allocated(self, device=None) -> int:
-        return self.peak
-
-    def max_memory_reserved(self, device=None) -> int:
-        return self.peak + 512
-
-    def reset_peak_memory_stats(self, device=None) -> None:
-        self.peak, self.resets = 0, self.resets + 1
 
 
 @pytest.mark.parametrize("trainer_memory_metrics", [False, True])

@@ -11,24 +11,9 @@ from torch import nn
 from memft.memory import MemoryTracker
 from memft.optimizers.galore import GaLoreAdamW, galore_param_groups
 from memft.optimizers.layerwise import LayerwiseOptimizer
+from tests.optimizers.tiny_model import TinyModel
 
 VOCAB, RANK, GRAD_ACCUM = 64, 4, 2
-
-
-class TinyModel(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, 24)
-        self.q_proj = nn.Linear(24, 40)
-        self.up_proj = nn.Linear(40, 72, bias=False)
-        self.down_proj = nn.Linear(72, 24, bias=False)
-        self.norm = nn.LayerNorm(24)
-        self.lm_head = nn.Linear(24, VOCAB, bias=False)
-
-    def forward(self, tokens):
-        h = self.embed(tokens)
-        h = h + self.down_proj(torch.relu(self.up_proj(torch.tanh(self.q_proj(h)))))
-        return self.lm_head(self.norm(h))
 
 
 def _step(model, opt, step):
@@ -56,7 +41,7 @@ def _tracked_second_step(max_grad_norm):
     """Peak breakdown of a tracked optimizer step (the optimizer state exists: the peak lies in the second
     micro-batch, while every parameter's gradient is held), and the bytes held at that moment."""
     torch.manual_seed(0)
-    model = TinyModel()
+    model = TinyModel(VOCAB)
     groups = galore_param_groups(model, rank=RANK, update_proj_gap=100)
     opt = LayerwiseOptimizer(groups, GaLoreAdamW, lr=1e-2, max_grad_norm=max_grad_norm)
     _step(model, opt, 0)

@@ -99,5 +99,3 @@ def test_the_recipe_offers_the_compressors_the_library_has():
 def test_bit_widths_the_codecs_cannot_store_are_refused(section, message):
     with pytest.raises(RecipeError, match=message):
         validate_recipe(section)
-    from memft.activations.mesa import MESA_BITS
-    assert MESA_BITS == (2, 4, 8)

@@ -10,27 +10,11 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from memft.optimizers.galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, galore_param_groups
 from memft.optimizers.layerwise import LayerwiseOptimizer
+from tests.optimizers.tiny_model import TinyModel
 from memft.optimizers.natural_galore import NaturalGaLoreAdamW
 
 FP32 = {"atol": 1e-6, "rtol": 1e-6}
 VOCAB = 192
-
-
-
-class TinyModel(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, 24)  # 4608 elements: 8-bit moments in GaLoreAdamW8bit
-        self.q_proj = nn.Linear(24, 40)
-        self.up_proj = nn.Linear(40, 72, bias=False)
-        self.down_proj = nn.Linear(72, 24, bias=False)
-        self.norm = nn.LayerNorm(24)
-        self.lm_head = nn.Linear(24, VOCAB, bias=False)
-
-    def forward(self, tokens):
-        h = self.embed(tokens)
-        h = h + self.down_proj(torch.relu(self.up_proj(torch.tanh(self.q_proj(h)))))
-        return self.lm_head(self.norm(h))
 
 
 GALORE_WEIGHTS = ("q_proj.weight", "up_proj.weight", "down_proj.weight")
@@ -38,7 +22,7 @@ GALORE_WEIGHTS = ("q_proj.weight", "up_proj.weight", "down_proj.weight")
 
 def _make_model():
     torch.manual_seed(0)
-    return TinyModel()
+    return TinyModel(VOCAB)  # embedding of 4608 elements: 8-bit moments in GaLoreAdamW8bit
 
 
 def _micro_loss(model, step, index, total):

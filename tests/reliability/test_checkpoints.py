@@ -10,9 +10,9 @@ import torch
 
 from memft.errors import RunError
 from memft.train import checkpoint
-from memft.train.loop import Trainer, finetune
+from memft.train.loop import finetune
 from memft.train.recipe import validate_recipe
-from tests.conftest import write_recipe
+from tests.conftest import crash, write_recipe
 from tests.reliability.conftest import small_recipe, step_lines
 
 STEPS = {"max_steps": 6, "save_every": 2, "keep_checkpoints": 3}
@@ -23,17 +23,7 @@ def crashed(tmp_path_factory):
     """A run that died during step 5 (checkpoints at steps 2 and 4) and the uninterrupted run's metrics."""
     root = tmp_path_factory.mktemp("crashed")
     finetune(validate_recipe(small_recipe(root / "full", train=STEPS)))
-    trainer = Trainer(validate_recipe(small_recipe(root / "run", train=STEPS)))
-    original = trainer.train_step
-
-    def power_cut(micro):
-        if trainer.step == 4:
-            raise SystemExit("power cut")
-        return original(micro)
-
-    trainer.train_step = power_cut
-    with pytest.raises(SystemExit):
-        trainer.run()
+    crash(small_recipe(root / "run", train=STEPS), after=4)
     return root
 
 

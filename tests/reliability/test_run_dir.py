@@ -17,23 +17,8 @@ from memft.errors import RunError
 from memft.train import run_dir
 from memft.train.loop import Trainer, finetune
 from memft.train.recipe import validate_recipe
-from tests.conftest import write_recipe
+from tests.conftest import crash, write_recipe
 from tests.reliability.conftest import memft_process, small_recipe, step_lines
-
-
-def _crash(recipe: dict, after: int) -> None:
-    """Run `recipe` and die (SystemExit) once `after` steps are done."""
-    trainer = Trainer(validate_recipe(recipe))
-    original = trainer.train_step
-
-    def power_cut(micro):
-        if trainer.step == after:
-            raise SystemExit("power cut")
-        return original(micro)
-
-    trainer.train_step = power_cut
-    with pytest.raises(SystemExit):
-        trainer.run()
 
 
 # ------------------------------------------------------------------------------------- --overwrite
@@ -121,14 +106,14 @@ def test_concurrent_runs_cannot_mix_their_outputs(tmp_path):
 def test_resume_after_a_crash_leaves_one_metrics_line_per_step(tmp_path):
     recipe = small_recipe(tmp_path / "b", train={"max_steps": 8, "save_every": 3})
     full = finetune(validate_recipe(small_recipe(tmp_path / "a", train={"max_steps": 8, "save_every": 3})))
-    _crash(recipe, after=5)  # steps 4 and 5 are logged, then lost: the last checkpoint is step 3
+    crash(recipe, after=5)  # steps 4 and 5 are logged, then lost: the last checkpoint is step 3
     resumed = finetune(validate_recipe(recipe), resume=True)
     assert resumed.losses == full.losses[3:]
     assert step_lines(tmp_path / "b") == step_lines(tmp_path / "a")
 
 
 def test_a_moved_run_resumes_in_its_new_place(tmp_path):
-    _crash(small_recipe(tmp_path / "old", train={"max_steps": 6, "save_every": 2}), after=3)
+    crash(small_recipe(tmp_path / "old", train={"max_steps": 6, "save_every": 2}), after=3)
     shutil.move(tmp_path / "old", tmp_path / "new")
     full = finetune(validate_recipe(small_recipe(tmp_path / "a", train={"max_steps": 6, "save_every": 2})))
     resumed = finetune(validate_recipe(small_recipe(tmp_path / "new", train={"max_steps": 6, "save_every": 2})),
@@ -139,7 +124,7 @@ def test_a_moved_run_resumes_in_its_new_place(tmp_path):
 def test_a_run_killed_before_its_first_checkpoint(tmp_path, cli):
     out = tmp_path / "run"
     recipe = small_recipe(out, train={"max_steps": 4})
-    _crash(recipe, after=2)
+    crash(recipe, after=2)
     path = write_recipe(tmp_path / "r.yaml", recipe)
     code, _, err = cli("finetune", path)
     assert code == 2 and "stopped before its first checkpoint" in err

@@ -10,6 +10,7 @@ from torch import nn
 
 from memft.memory import CATEGORIES, MemoryTracker
 from memft.train.run_memory import RunMemory
+from tests.conftest import FakeAllocator
 
 
 def _setup():
@@ -102,25 +103,6 @@ def test_a_step_stopped_midway_leaves_the_tracker_and_is_not_counted():
     _step(model, optimizer)
     memory.end_step()
     assert memory.tracked_steps == 1 and memory.run()["tracked_steps"] == 1
-
-
-class FakeAllocator:
-    """The CUDA caching allocator's peak counters, for a machine without a GPU."""
-
-    def __init__(self):
-        self.peak, self.resets = 0, 0
-
-    def allocate(self, nbytes: int) -> None:
-        self.peak = max(self.peak, nbytes)
-
-    def max_memory_allocated(self, device=None) -> int:
-        return self.peak
-
-    def max_memory_reserved(self, device=None) -> int:
-        return self.peak + 512
-
-    def reset_peak_memory_stats(self, device=None) -> None:
-        self.peak, self.resets = 0, self.resets + 1
 
 
 @pytest.fixture
