@@ -29,7 +29,7 @@ from memft.train.recipe import ModelSection, apply_overrides, load_recipe_data
 
 BUNDLED_EDITS = "memft:edits"
 FINETUNE_SECTIONS = {"data", "optimizer", "activations", "loss", "adapter", "distributed", "memory"}
-CONTINUAL_LR = 2e-3  # learning rate of an adamw section that gives none (adapters train at a higher rate)
+CONTINUAL_LR = 2e-3  # learning rate of the default optimizer (adapters train at a higher rate)
 MOVED_TO_OPTIMIZER = ("lr", "weight_decay")  # former train keys, now optimizer keys
 
 OptimizerSection = registry.union("optimizer")
@@ -152,15 +152,12 @@ def _default_loss() -> Section:
 
 
 def _with_defaults(data: dict, key: str) -> dict:
-    """A method section without `name` takes the default method; an adamw section without `lr` the continual
-    learning rate."""
+    """A method section without `name` takes the default method (as in the fine-tuning recipe)."""
     section = data.get(key)
     if not isinstance(section, dict):
         return data
     if "name" not in section:
         section = {"name": registry.DEFAULTS[key], **section}
-    if key == "optimizer" and section["name"] == "adamw" and "lr" not in section:
-        section = {**section, "lr": CONTINUAL_LR}
     return {**data, key: section}
 
 
@@ -177,8 +174,9 @@ class ContinualRecipe(Section):
     optimizer: OptimizerSection = Field(default_factory=_default_optimizer, description="Optimizer of the "
                                         "method's trainable parameters, a fresh one per task: the fine-tuning "
                                         "recipe's optimizer section (adamw, adamw8bit, sgd, mezo, the galore "
-                                        f"family). Default adamw with lr {CONTINUAL_LR} (also the lr of an adamw "
-                                        "section that gives none); GaLore projects the method's matrices.")
+                                        f"family). Without the section: adamw with lr {CONTINUAL_LR}; a section's "
+                                        "own defaults are the fine-tuning recipe's. GaLore projects the method's "
+                                        "matrices.")
     loss: LossSection = Field(default_factory=_default_loss, description="Loss computation: the fine-tuning "
                               "recipe's loss section (cross_entropy, or cut_cross_entropy for methods whose loss "
                               "is the model's own).")
@@ -259,7 +257,7 @@ def combination_problems(method: str, options: Any, optimizer: Section, loss: Se
 
 
 def optimizer_section(value: Any = None) -> Section:
-    """An optimizer section from a section, a dict (`name` defaults to adamw; adamw's `lr` to 2e-3) or None."""
+    """An optimizer section from a section, a dict (`name` defaults to adamw) or None (adamw, lr 2e-3)."""
     return _section("optimizer", value)
 
 
