@@ -11,11 +11,13 @@
 - on CUDA, the allocator's peaks (``max_memory_allocated``: what tensors occupied; ``max_memory_reserved``:
   what the caching allocator held, the number that decides an out-of-memory error) for every step.
 
-The figures go out with ``trainer.log(...)``, so every reporting integration (TensorBoard, W&B, ...) and every
+The figures go out through ``trainer.log``, so every reporting integration (TensorBoard, W&B, ...) and every
 callback's ``on_log`` receives them like the loss: at each logging step of the Trainer (keys below, bytes,
 for the interval since the previous logging step), and for the whole run on the last step (or at
-``on_train_end`` when training stopped early). Emitting from ``on_step_end`` keeps the Trainer's pending loss
-log: ``trainer.log`` clears ``control.should_log``, which the callback restores.
+``on_train_end`` when training stopped early). On a logging step they ride on the Trainer's own loss line
+(the callback merges them into the next ``trainer.log`` call that has a ``loss``), so trainers that add their
+metrics to the first log of a step (TRL's ``entropy``, ``mean_token_accuracy``, ``num_tokens``) keep them
+beside the loss; on any other step they are logged on their own line.
 
     memory/tracked_peak_bytes, memory/tracked_peak_<category>_bytes     (intervals with tracked steps)
     memory/cuda_peak_allocated_bytes, memory/cuda_peak_reserved_bytes   (CUDA)
@@ -68,6 +70,8 @@ class MemftCallback(TrainerCallback):
         self.memory: RunMemory | None = None  # the run's memory policy, from on_train_begin
         self._steps_in_interval = 0
         self._run_reported = False
+        self._pending: dict[str, Any] = {}  # figures waiting for the Trainer's loss line
+        self._wrapped_log: Any = None  # the trainer's own log, while the callback rides on it
 
     def attach(self, trainer: Any) -> None:
         """Log through ``trainer`` (done by MemftTrainer for its callbacks)."""
@@ -81,6 +85,7 @@ class MemftCallback(TrainerCallback):
         self.close()
         self._steps_in_interval = 0
         self._run_reported = False
+        self._ride_on_log()
         # The Trainer's own memory metrics read the CUDA peak since train() began: never reset it under them.
         skipped = getattr(getattr(self.trainer, "_memory_tracker", None), "skip_memory_metrics",
                           args.skip_memory_metrics)
@@ -108,6 +113,9 @@ class MemftCallback(TrainerCallback):
         self.close()
         if self.memory is not None and not self._run_reported:
             self._log(control, run=True)
+        if self._pending:  # no loss line came after the last figures
+            figures, self._pending = self._pending, {}
+            self.trainer.log(figures)
 
     def report(self, name: str = "run") -> MemoryReport | None:
         """The tracked steps as a :class:`memft.memory.MemoryReport` (``.print()``, ``.save(directory)`` writes
@@ -115,19 +123,43 @@ class MemftCallback(TrainerCallback):
         return self.memory.report(name) if self.memory is not None else None
 
     def close(self) -> None:
-        """Leave the tracker if a step is being tracked (training stopped inside a step)."""
+        """Leave the tracker if a step is being tracked (training stopped inside a step), and the trainer's log."""
         if self.memory is not None:
             self.memory.close()
+        self._stop_riding()
 
     def _log(self, control, run: bool = False) -> None:
-        """Log the interval's figures (with ``run``, the run's too) through the trainer. Logging from
-        ``on_step_end`` keeps the Trainer's pending loss log: ``trainer.log`` clears ``control.should_log``."""
+        """Emit the interval's figures (with ``run``, the run's too): onto the Trainer's loss line when it logs
+        this step, else on a line of their own. ``trainer.log`` clears ``control.should_log``, which is restored
+        so the Trainer's pending loss log still happens."""
         figures = self.memory.interval()
         if run:
             figures.update(self.memory.run())
             self._run_reported = True
         self._steps_in_interval = 0
-        if figures:
-            should_log = control.should_log
-            self.trainer.log({f"{self.prefix}{key}": value for key, value in figures.items()})
-            control.should_log = should_log
+        if not figures:
+            return
+        figures = {f"{self.prefix}{key}": value for key, value in figures.items()}
+        if control.should_log and self._wrapped_log is not None:
+            self._pending.update(figures)
+            return
+        should_log = control.should_log
+        self.trainer.log(figures)
+        control.should_log = should_log
+
+    def _ride_on_log(self) -> None:
+        """Route the trainer's ``log`` through :meth:`_merge_pending` for this run."""
+        if self._wrapped_log is None:
+            self._wrapped_log = self.trainer.log
+            self.trainer.log = self._merge_pending
+
+    def _stop_riding(self) -> None:
+        if self._wrapped_log is not None:
+            if self.trainer.__dict__.get("log") == self._merge_pending:
+                del self.trainer.log
+            self._wrapped_log = None
+
+    def _merge_pending(self, logs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        if self._pending and "loss" in logs:
+            logs, self._pending = {**logs, **self._pending}, {}
+        return self._wrapped_log(logs, *args, **kwargs)

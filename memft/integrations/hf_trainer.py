@@ -40,6 +40,7 @@ from torch import nn
 from transformers import Trainer
 
 from memft.integrations.hf_memory import MemftCallback
+from memft.losses.patch import serve_fused_lm_head
 from memft.optimizers.mezo import MeZO
 
 __all__ = ["ForwardOnlyStep", "MemftTrainer", "MemftTrainerMixin", "optimizer_step_kind"]
@@ -157,6 +158,7 @@ class MemftTrainerMixin:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        serve_fused_lm_head(self.model)  # TRL's SFTTrainer replaced the forward; cut cross-entropy serves its head
         self._window_size: int | None = None  # micro-batches in the current accumulation window
         self._window_index = 0
         self._window_batches: list[dict[str, Any]] = []

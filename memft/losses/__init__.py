@@ -7,6 +7,15 @@
 """
 
 from memft.kernels.cut_cross_entropy import cut_cross_entropy_loss
-from memft.losses.patch import LOSSES, SUPPORTED_MODEL_TYPES, LossPatch, patch_loss, unpatch_loss
+from memft.losses.patch import (
+    LOSSES,
+    SUPPORTED_MODEL_TYPES,
+    FusedHeadOutput,
+    LossPatch,
+    patch_loss,
+    serve_fused_lm_head,
+    unpatch_loss,
+)
 
-__all__ = ["LOSSES", "SUPPORTED_MODEL_TYPES", "LossPatch", "cut_cross_entropy_loss", "patch_loss", "unpatch_loss"]
+__all__ = ["LOSSES", "SUPPORTED_MODEL_TYPES", "FusedHeadOutput", "LossPatch", "cut_cross_entropy_loss", "patch_loss",
+           "serve_fused_lm_head", "unpatch_loss"]

@@ -357,8 +357,9 @@ def test_memft_trainer_attaches_its_memory_callback(tmp_path, rows, tokenizer):
 
 @pytest.mark.parametrize("trainer_memory_metrics", [False, True])
 def test_cuda_peaks_per_logging_interval_and_for_the_run(monkeypatch, trainer_memory_metrics):
-    """Interval peaks restart at every logging step and the run peak is their maximum; under the Trainer's own
-    memory metrics the peak statistics are never reset and only the run peak is reported."""
+    """Interval peaks restart at every logging step and the run peak is their maximum, each on the Trainer's loss
+    line of its step; under the Trainer's own memory metrics the peak statistics are never reset and only the run
+    peak is reported."""
     allocator = FakeAllocator()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for name in ("max_memory_allocated", "max_memory_reserved", "reset_peak_memory_stats"):
@@ -382,10 +383,13 @@ def test_cuda_peaks_per_logging_interval_and_for_the_run(monkeypatch, trainer_me
         control.should_log, control.should_training_stop = True, step == 3
         callback.on_step_end(args, state, control)
         assert control.should_log  # kept for the Trainer's own loss log
+        trainer.log({"loss": float(step)})
+    callback.on_train_end(args, state, control)
+    assert [entry["loss"] for entry in trainer.logs] == [1.0, 2.0, 3.0]  # no line of their own
     if trainer_memory_metrics:
-        assert allocator.resets == 0 and len(trainer.logs) == 1
-        assert trainer.logs[0] == {"memory/run_cuda_peak_allocated_bytes": 500,
-                                   "memory/run_cuda_peak_reserved_bytes": 1012}
+        assert allocator.resets == 0
+        assert trainer.logs[-1] == {"loss": 3.0, "memory/run_cuda_peak_allocated_bytes": 500,
+                                    "memory/run_cuda_peak_reserved_bytes": 1012}
     else:
         assert [entry["memory/cuda_peak_allocated_bytes"] for entry in trainer.logs] == [500, 300, 200]
         assert [entry["memory/cuda_peak_reserved_bytes"] for entry in trainer.logs] == [1012, 812, 712]

@@ -163,3 +163,42 @@ def test_bad_uses_are_refused():
         "bert", hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=VOCAB))
     with pytest.raises(ValueError, match="supports model types"):
         patch_loss(bert)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_fused_lm_head_contract(model_type):
+    """``fused_lm_head=True`` (TRL's call) gives per-token log-probabilities with the patched loss's gradients,
+    and entropy / top-1 of the full logits."""
+    reference, model = tiny_model(model_type), tiny_model(model_type)
+    patch_loss(model)
+    input_ids, labels = batch()
+    expected, expected_grads = loss_and_grads(reference, input_ids=input_ids, labels=labels)
+    logits = reference(input_ids=input_ids).logits[:, :-1].detach().double()
+    out, grads = loss_and_grads(model, input_ids=input_ids, labels=labels, fused_lm_head=True)
+    mask = labels[:, 1:] != -100
+    assert torch.equal(out.label_mask, mask)
+    picked = logits.log_softmax(-1).gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(out.log_probs.double(), torch.where(mask, picked, 0.0), rtol=1e-5, atol=1e-5)
+    assert out.loss.item() == pytest.approx(expected.loss.item(), rel=1e-5)
+    assert max(rel(grads[n], expected_grads[n]) for n in expected_grads) < 1e-4
+    entropy = torch.distributions.Categorical(logits=logits).entropy()
+    torch.testing.assert_close(out.entropy.double(), torch.where(mask, entropy, 0.0), rtol=1e-4, atol=1e-4)
+    assert torch.equal(out.is_top1, mask & (logits.argmax(-1) == labels[:, 1:]))
+
+
+def test_training_the_decoder_outside_the_patched_forward_is_refused():
+    """A loss path that skips the patched forward (TRL's own fused head) fails at once, naming the fix;
+    inference through the decoder and the patched forward itself are untouched."""
+    model = tiny_model("llama")
+    handle = patch_loss(model)
+    input_ids, labels = batch()
+    model.model(input_ids=input_ids)  # eval mode
+    model.train()
+    with torch.no_grad():
+        model.model(input_ids=input_ids)
+    model(input_ids=input_ids, labels=labels).loss.backward()
+    model(input_ids=input_ids)  # no labels: the original forward, still inside the patch
+    with pytest.raises(RuntimeError, match="MemftTrainerMixin"):
+        model.model(input_ids=input_ids)
+    handle.undo()
+    model.model(input_ids=input_ids)
