@@ -264,7 +264,10 @@ class MeZO(Optimizer):
         if not callable(closure):
             raise TypeError(
                 "MeZO.step needs a closure: a function with no arguments returning the scalar objective "
-                "(e.g. lambda: model(**batch).loss); MeZO evaluates it at θ + εz and θ − εz."
+                "(e.g. lambda: model(**batch).loss); MeZO evaluates it at θ + εz and θ − εz. A "
+                "transformers.Trainer (or TRL trainer) steps without one: train with "
+                "memft.integrations.MemftTrainer, or mix MemftTrainerMixin into your trainer class "
+                "(class MySFTTrainer(MemftTrainerMixin, SFTTrainer)), which runs MeZO's forward-only step."
             )
         trainables = self._trainables()
         values: list[Tensor | float] = []

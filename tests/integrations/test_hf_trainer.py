@@ -272,6 +272,13 @@ def test_zeroth_order_step_outside_memft_trainer_is_refused():
     assert not torch.equal(parameter.detach(), torch.zeros(3))
 
 
+def test_mezo_in_a_plain_trainer_names_the_mixin(tmp_path, rows, tokenizer):
+    model = load_model()
+    optimizer, scheduler = memft_optimizer(model, MEZO_SPEC, 2)
+    with pytest.raises(TypeError, match=r"MemftTrainerMixin"):
+        fit(Trainer, model, make_args(tmp_path, max_steps=2), rows, tokenizer, (optimizer, scheduler))
+
+
 # --------------------------------------------------------------------------- loss patch and activations
 @pytest.fixture(scope="module")
 def baseline_losses(tmp_path_factory, rows, tokenizer):
