@@ -288,10 +288,11 @@ def held_gradient_gib(rank: int) -> tuple[float, float]:
 def bench_llama_7b_memory() -> list[list[str]]:
     """Estimated peak (fake tensors, two training steps, the recipe's own builders) and its breakdown."""
     from memft.memory.report import CATEGORIES
+    from memft.recipe_files import RECIPES_DIR
     from memft.train.memory_estimate import recipe_memory
     from memft.train.recipe import load_recipe
 
-    recipe_path = Path(__file__).resolve().parent.parent / "memft" / "recipes" / "galore.yaml"
+    recipe_path = RECIPES_DIR / "galore.yaml"
     rows = []
     for label, overrides in MEMORY_RUNS.items():
         started = time.perf_counter()

@@ -6,12 +6,14 @@
     memft loram export RUN_DIR [--out DIR] [--no-merge]
     memft continual RECIPE [key=value ...] [--resume] [--overwrite]   tasks in sequence, forgetting metrics
     memft edit RECIPE [key=value ...]   lifelong editing with a WISE side memory
-    memft recipes                      list the shipped recipes
-    memft schema [SECTION]             every recipe field with its default and help
+    memft recipes [--copy NAME [DEST] [--force]]  list the shipped recipes (path, description), or copy one
+    memft schema [SECTION]             every recipe field with its type or choices, default and help
     memft support                      which methods each multi-process engine runs
+    memft --version                    the installed version
 
 RECIPE is a YAML file or the name of a shipped recipe (`memft finetune quickstart`). Problems with the
-input exit with code 2 and one readable message.
+input exit with code 2 and one readable message; output cut short by its reader (`memft schema | head`)
+ends quietly with code 141.
 """
 
 from __future__ import annotations
@@ -26,10 +28,20 @@ from memft.recipe_files import (RECIPES_DIR, load_finetune_recipe, recipe_kind, 
                                 shipped_recipes)
 
 def _recipe_summary(path: Path) -> str:
+    """A recipe's first comment line, its description."""
     for line in path.read_text().splitlines():
         if line.startswith("#"):
             return line.lstrip("# ").strip()
     return ""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("memft")
+    except PackageNotFoundError:
+        return "unknown (memft is not installed: no package metadata)"
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -47,12 +59,24 @@ def cmd_finetune(args) -> int:
     _choose_deepspeed_accelerator()
     from memft.train.loop import finetune
 
+    from memft.train import launcher
+
     overrides = list(args.overrides) + ([f"distributed.nproc_per_node={args.nproc}"] if args.nproc else [])
     recipe = load_finetune_recipe(args.recipe, overrides)
+    started_by = launcher.detect(os.environ)
+    if started_by is not None:
+        if args.nproc:
+            raise RecipeError(f"--nproc starts processes, but {started_by.name} already started this run's "
+                              f"{started_by.processes}; drop --nproc and choose the processes in {started_by.name}.")
+        recipe, notes = launcher.reconcile(recipe, started_by,
+                                           lambda extra: load_finetune_recipe(args.recipe, overrides + extra))
+        if os.environ.get("RANK", "0") == "0":
+            for note in notes:
+                print(note, file=sys.stderr)
     if args.nproc and args.nproc > 1 and recipe.distributed.engine == "none":
         raise RecipeError(f"--nproc {args.nproc} starts several processes, but distributed.engine is 'none'. Add "
                           "distributed.engine=ddp (or fsdp, deepspeed).")
-    if recipe.distributed.engine != "none" and "LOCAL_RANK" not in os.environ:
+    if recipe.distributed.engine != "none" and started_by is None and "LOCAL_RANK" not in os.environ:
         from memft.train.builders import check_compatibility
 
         check_compatibility(recipe)  # refuse before starting processes
@@ -104,9 +128,11 @@ def _launch_processes(nproc: int, argv: list[str]) -> int:
     """Re-run this very command under torch.distributed.run with `nproc` processes on this machine."""
     import subprocess
 
+    from memft.train.launcher import STARTED_BY_MEMFT
+
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "memft.cli", *without_nproc(argv)]
-    return subprocess.call(command)
+    return subprocess.call(command, env={**os.environ, STARTED_BY_MEMFT: "1"})
 
 
 def cmd_validate(args) -> int:
@@ -201,8 +227,41 @@ def cmd_loram_export(args) -> int:
 
 
 def cmd_recipes(args) -> int:
-    for name in shipped_recipes():
-        print(f"{name:28s} {_recipe_summary(RECIPES_DIR / f'{name}.yaml')}")
+    if args.copy:
+        return _copy_recipe(args.copy, args.dest, args.force)
+    if args.force or args.dest:
+        raise RecipeError(f"{'--force' if args.force else f'DEST {args.dest!r}'} applies to --copy only: "
+                          "memft recipes --copy NAME [DEST] [--force].")
+    names = shipped_recipes()
+    width = max(map(len, names)) + 2
+    for name in names:
+        path = RECIPES_DIR / f"{name}.yaml"
+        print(f"{name:{width}s}{_recipe_summary(path)}\n{'':{width}s}{path}")
+    print("\nRun one by name (memft finetune quickstart), or copy one to edit: memft recipes --copy NAME [DEST].")
+    return 0
+
+
+def _copy_recipe(name: str, dest: str | None, force: bool) -> int:
+    """Write shipped recipe `name` to `dest` (default ./NAME.yaml; into `dest` when it is a directory)."""
+    import yaml
+
+    if name not in shipped_recipes():
+        raise RecipeError(f"--copy: '{name}' is not a shipped recipe. Shipped recipes: {', '.join(shipped_recipes())}.")
+    source = RECIPES_DIR / f"{name}.yaml"
+    dest = Path(dest) if dest else Path(source.name)
+    if dest.is_dir():
+        dest = dest / source.name
+    if dest.exists() and not force:
+        raise RecipeError(f"'{dest}' exists already. Pass --force to replace it, or give another DEST.")
+    if not dest.parent.is_dir():
+        raise RecipeError(f"Cannot write '{dest}': directory '{dest.parent}' does not exist.")
+    text = source.read_text()
+    try:
+        dest.write_text(text)
+    except OSError as exc:
+        raise RecipeError(f"Cannot write '{dest}': {exc.strerror}.") from exc
+    kind = yaml.safe_load(text).get("kind", "finetune")
+    print(f"Wrote {dest} (a copy of the shipped recipe '{name}'). Edit it, then: memft {kind} {dest}")
     return 0
 
 
@@ -227,7 +286,10 @@ def cmd_schema(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memft", description="Memory-efficient fine-tuning.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+                        help="print the installed memft version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="one of the commands below; `memft COMMAND --help` shows its arguments")
 
     p = sub.add_parser("finetune", help="train a recipe")
     p.add_argument("recipe", help="recipe YAML file or shipped recipe name")
@@ -240,8 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("validate", help="check a recipe (of any kind) without running it")
-    p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("recipe", help="recipe YAML file or shipped recipe name")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=50")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("memory", help="estimate a recipe's peak training memory and which GPUs it fits")
@@ -260,20 +322,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_memory)
 
     p = sub.add_parser("loram", help="LoRAM tools")
-    loram = p.add_subparsers(dest="loram_command", required=True)
+    loram = p.add_subparsers(dest="loram_command", required=True, metavar="TOOL", help="the LoRAM tool to run")
     e = loram.add_parser("export", help="recover a LoRAM run's adapter onto the full model and merge it")
     e.add_argument("run_dir", help="train.output_dir of a finished loram run")
     e.add_argument("--out", help="output directory (default RUN_DIR/recovered)")
     e.add_argument("--no-merge", action="store_true", help="write only the recovered PEFT adapter")
     e.set_defaults(func=cmd_loram_export)
 
-    p = sub.add_parser("recipes", help="list the shipped recipes")
+    p = sub.add_parser("recipes", help="list the shipped recipes (path and description), or copy one to edit")
+    p.add_argument("--copy", metavar="NAME", help="write shipped recipe NAME to a file to edit (DEST)")
+    p.add_argument("dest", nargs="?", metavar="DEST", help="with --copy: the file to write (default ./NAME.yaml; "
+                   "a directory gets NAME.yaml inside)")
+    p.add_argument("--force", action="store_true", help="with --copy: replace DEST if it exists")
     p.set_defaults(func=cmd_recipes)
 
     p = sub.add_parser("support", help="print which methods each multi-process engine runs")
     p.set_defaults(func=cmd_support)
 
-    p = sub.add_parser("schema", help="print every recipe field with default and help")
+    p = sub.add_parser("schema", help="print every recipe field with its type or choices, default and help")
     p.add_argument("section", nargs="?", help="only this section (e.g. optimizer)")
     p.set_defaults(func=cmd_schema)
 
@@ -285,6 +351,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command and return its exit code."""
+    try:
+        try:
+            return _run(argv)
+        finally:
+            sys.stdout.flush()  # a reader that left early (`memft schema | head`) shows here at the latest
+    except BrokenPipeError:
+        # Nothing more can be written: stdout goes to devnull, so the flush at exit stays quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what the shell reports for a command stopped by a closed pipe
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)

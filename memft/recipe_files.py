@@ -1,4 +1,8 @@
-"""Recipe files: a YAML path or the name of a shipped recipe, and which command runs it (its `kind`)."""
+"""Recipe files: a YAML path or the name of a shipped recipe, and which command runs it (its `kind`).
+
+The shipped recipes live in the repository's top-level `recipes/` folder; a wheel carries them as
+`memft/recipes/` (pyproject.toml maps the folder into the package).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,16 @@ from pathlib import Path
 
 from memft.errors import RecipeError
 
-RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+def _recipes_dir() -> Path:
+    """`memft/recipes/` in an installed wheel, else `recipes/` beside the package (a checkout, an editable
+    install)."""
+    package = Path(__file__).resolve().parent
+    bundled = package / "recipes"
+    return bundled if any(bundled.glob("*.yaml")) else package.parent / "recipes"
+
+
+RECIPES_DIR = _recipes_dir()
 
 
 def resolve_recipe(name_or_path: str) -> Path:

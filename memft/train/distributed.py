@@ -90,7 +90,9 @@ class Engine:
     def accelerator(self, on_cpu: bool):
         from accelerate import Accelerator
 
-        self._accelerator = Accelerator(cpu=on_cpu)
+        # mixed_precision "no": the step autocasts (an accelerate launch flag reaches it through the recipe,
+        # memft.train.launcher), so accelerate must not wrap the forward in a second autocast of its own.
+        self._accelerator = Accelerator(cpu=on_cpu, mixed_precision="no")
         return self._accelerator
 
     def prepare(self, accelerator, model: torch.nn.Module, build_plan):
@@ -168,7 +170,8 @@ class FSDPEngine(Engine):
     def accelerator(self, on_cpu: bool):
         from accelerate import Accelerator
 
-        self._accelerator = Accelerator(cpu=on_cpu)  # process group and device; precision is FSDP's policy
+        # process group and device; precision is FSDP's policy
+        self._accelerator = Accelerator(cpu=on_cpu, mixed_precision="no")
         return self._accelerator
 
     def prepare(self, accelerator, model, build_plan):
@@ -268,7 +271,9 @@ class DeepSpeedEngine(Engine):
         from accelerate.utils import DeepSpeedPlugin
 
         # DeepSpeed picks its CPU accelerator by itself on machines without GPUs.
-        self._accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=self.config()))
+        # precision is the config's bf16 section (an accelerate launch flag reaches it through the recipe)
+        self._accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=self.config()),
+                                        mixed_precision="no")
         return self._accelerator
 
     def prepare(self, accelerator, model, build_plan):

@@ -316,11 +316,98 @@ def validate_recipe(data: dict, source: str = "recipe") -> Recipe:
                           + "\n".join(f"  - {line}" for line in lines)) from exc
 
 
+# Key names of Hugging Face TrainingArguments (and TRL, PEFT) and LLaMA-Factory configs, found anywhere in a
+# recipe: name -> (memft key, or key=value, or None where memft has none; a note).
+FOREIGN_KEYS: dict[str, tuple[str | None, str]] = {
+    "model_name_or_path": ("model.name_or_path", ""),
+    "torch_dtype": ("model.dtype", ""),
+    "flash_attn": ("model.attn_implementation", "eager or sdpa"),
+    "attn_implementation": ("model.attn_implementation", ""),
+    "trust_remote_code": ("model.trust_remote_code", ""),
+    "revision": ("model.revision", ""),
+    "model_revision": ("model.revision", ""),
+    "gradient_checkpointing": ("model.gradient_checkpointing", ""),
+    "dataset": ("data.train.path", "with data.train.format: text, alpaca or chat"),
+    "eval_dataset": ("data.eval.path", "with data.eval.format"),
+    "dataset_text_field": ("data.train.text_field", ""),
+    "cutoff_len": ("data.max_seq_len", ""),
+    "max_seq_length": ("data.max_seq_len", ""),
+    "max_length": ("data.max_seq_len", ""),
+    "packing": ("data.packing", ""),
+    "max_samples": ("data.train.max_examples", ""),
+    "val_size": ("data.eval_fraction", ""),
+    "train_on_prompt": ("data.loss_on=all", "data.loss_on=response learns only the responses"),
+    "template": (None, "chat data (data.train.format=chat) is rendered with the tokenizer's own chat template"),
+    "learning_rate": ("optimizer.lr", ""),
+    "weight_decay": ("optimizer.weight_decay", ""),
+    "adam_beta1": ("optimizer.betas", "a pair [beta1, beta2]"),
+    "adam_beta2": ("optimizer.betas", "a pair [beta1, beta2]"),
+    "adam_epsilon": ("optimizer.eps", ""),
+    "optim": ("optimizer.name", "`memft schema optimizer` lists the optimizers"),
+    "use_galore": ("optimizer.name=galore_adamw", "or galore_adamw8bit, galore_adafactor"),
+    "galore_rank": ("optimizer.rank", "with optimizer.name=galore_adamw"),
+    "galore_target": ("optimizer.target_modules", "with optimizer.name=galore_adamw"),
+    "galore_update_interval": ("optimizer.update_proj_gap", "with optimizer.name=galore_adamw"),
+    "galore_scale": ("optimizer.scale", "with optimizer.name=galore_adamw"),
+    "galore_proj_type": ("optimizer.proj_type", "with optimizer.name=galore_adamw"),
+    "galore_layerwise": ("optimizer.layerwise", "with optimizer.name=galore_adamw"),
+    "finetuning_type": ("adapter.name", "lora or loram; none trains every weight"),
+    "lora_rank": ("adapter.r", "with adapter.name=lora"),
+    "lora_alpha": ("adapter.alpha", "with adapter.name=lora"),
+    "lora_dropout": ("adapter.dropout", "with adapter.name=lora"),
+    "lora_target": ("adapter.target_modules", "with adapter.name=lora"),
+    "quantization_bit": (None, "only LoRAM's pruned model is quantised (adapter.name=loram, adapter.quantize=nf4)"),
+    "output_dir": ("train.output_dir", ""),
+    "max_steps": ("train.max_steps", ""),
+    "num_train_epochs": (None, "a run's length is train.max_steps, in optimizer steps (the data repeats epoch "
+                               "after epoch; one epoch is rows / (train.batch_size x train.grad_accum x processes) "
+                               "steps)"),
+    "per_device_train_batch_size": ("train.batch_size", ""),
+    "per_device_eval_batch_size": (None, "evaluation uses train.batch_size; train.eval_batches caps the batches"),
+    "gradient_accumulation_steps": ("train.grad_accum", ""),
+    "lr_scheduler_type": ("train.lr_schedule", "constant, linear or cosine"),
+    "warmup_steps": ("train.warmup_steps", ""),
+    "warmup_ratio": ("train.warmup_steps", "a number of steps, not a fraction"),
+    "max_grad_norm": ("train.max_grad_norm", ""),
+    "bf16": ("train.mixed_precision=bf16", ""),
+    "fp16": ("train.mixed_precision=fp16", ""),
+    "seed": ("train.seed", ""),
+    "logging_steps": ("train.log_every", ""),
+    "eval_steps": ("train.eval_every", ""),
+    "eval_strategy": ("train.eval_every", "steps between evaluations; null: only at the end"),
+    "evaluation_strategy": ("train.eval_every", "steps between evaluations; null: only at the end"),
+    "save_steps": ("train.save_every", ""),
+    "save_strategy": ("train.save_every", "steps between checkpoints; null: only at the end"),
+    "save_total_limit": ("train.keep_checkpoints", ""),
+    "use_cpu": ("train.device=cpu", ""),
+    "no_cuda": ("train.device=cpu", ""),
+    "report_to": (None, "a run writes its metrics to metrics.jsonl in train.output_dir"),
+    "logging_dir": (None, "a run writes its metrics to metrics.jsonl in train.output_dir"),
+    "resume_from_checkpoint": (None, "pass --resume [CHECKPOINT] to `memft finetune`"),
+    "overwrite_output_dir": (None, "pass --overwrite to `memft finetune`"),
+    "deepspeed": ("distributed.engine=deepspeed", "ZeRO options under distributed.deepspeed, no JSON file"),
+    "fsdp": ("distributed.engine=fsdp", "options under distributed.fsdp"),
+}
+
+
+def _foreign_hint(name: str) -> str:
+    """Where a Hugging Face / LLaMA-Factory key (or a memft key in the wrong section) goes in a recipe."""
+    target, note = FOREIGN_KEYS[name]
+    if target is None:
+        return f" '{name}' is a Hugging Face / LLaMA-Factory name; memft has no such setting: {note}."
+    note = f" ({note})" if note else ""
+    if target.split("=")[0].rsplit(".", 1)[-1] == name:
+        return f" Did you mean {target}?{note}"
+    return f" '{name}' is a Hugging Face / LLaMA-Factory name; in memft it is {target}{note}."
+
+
 def _describe(err: dict) -> str:
     loc, parent = _walk(err["loc"])
     path = shorten(".".join(str(p) for p in loc)) or "(top level)"
     kind, ctx = err["type"], err.get("ctx", {})
     if kind == "extra_forbidden":
+        if loc[-1] in FOREIGN_KEYS:
+            return f"{path}: unknown key.{_foreign_hint(str(loc[-1]))}"
         known = _keys_of(parent)
         close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
         hint = f" Did you mean '{close[0]}'?" if close else (f" Known keys: {', '.join(known)}." if known else "")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal, get_args, get_origin
+import types
+from typing import Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
@@ -13,10 +14,18 @@ from memft.train.recipe import _members, _tag
 
 
 def _type_name(annotation) -> str:
-    if get_origin(annotation) is Literal:
-        return "one of " + ", ".join(str(choice) for choice in get_args(annotation))
-    text = getattr(annotation, "__name__", None) or str(annotation)
-    return text.replace("typing.", "")
+    """A field's type as a reader writes it: `one of a, b` for a choice, `list[str] | 'all-linear'`."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(str(choice) for choice in args)
+    if origin in (Union, types.UnionType):
+        return " | ".join(" | ".join(repr(c) for c in get_args(a)) if get_origin(a) is Literal
+                          else _type_name(a) for a in args)
+    if annotation is type(None):
+        return "None"
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
 def _default(field) -> str:
