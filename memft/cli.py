@@ -151,7 +151,10 @@ def cmd_validate(args) -> int:
         from memft.train.memory_estimate import check_builds
         from memft.train.models import load_tokenizer
 
+        from memft.train.trackers import check_installed
+
         recipe = load_finetune_recipe(args.recipe, args.overrides)
+        check_installed(recipe.train.report_to)
         check_builds(recipe)  # model, methods and optimizer as a run starts, on fake tensors
         for note in build_splits(recipe.data, load_tokenizer(recipe.model), recipe.train.seed).notes:
             print(note)

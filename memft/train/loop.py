@@ -27,6 +27,8 @@ from memft.train.distributed import current_processes, engine_for
 from memft.train.data import BatchOrder, Splits, build_splits, collate
 from memft.train.models import load_model, load_tokenizer
 from memft.train.progress import Progress
+from memft.train.trackers import Trackers
+from memft.train.trackers import check_installed as check_trackers_installed
 from memft.train.recipe import Recipe
 from memft.train.run_memory import RunMemory
 from memft.train.step import StepDriver, count_items
@@ -51,6 +53,7 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, resume: str | bool = False, overwrite: bool = False):
         builders.check_compatibility(recipe)
+        check_trackers_installed(recipe.train.report_to)
         _quiet_libraries()
         self.recipe = recipe
         self.out = Path(recipe.train.output_dir)
@@ -62,6 +65,7 @@ class Trainer:
         self.accelerator = self.engine.accelerator(on_cpu)
         self.processes = procs = current_processes()
         self.lock = None
+        self.trackers: Trackers | None = None
         # Ctrl-C is caught from here on: during start-up it stops the run before its first step (a library
         # that swallows KeyboardInterrupt while loading cannot lose it); a second Ctrl-C stops at once.
         self._stop_requested = False
@@ -201,9 +205,12 @@ class Trainer:
             self._resume(self.resume)
         result = RunResult(self.out, self.step)
         metrics = open(self.out / "metrics.jsonl", "a") if self.processes.is_main else None
+        self.trackers = (Trackers(t.report_to, self.out, self.out.name, self.recipe.model_dump(mode="json"))
+                         if t.report_to and self.processes.is_main else None)
         self.model.train()
         try:
-            with Progress(t.max_steps, self.step, enabled=self.processes.is_main) as progress:
+            with Progress(t.max_steps, self.step, enabled=self.processes.is_main, every=t.log_every) as progress:
+                self.progress = progress
                 interval_start, interval_tokens = time.perf_counter(), self.tokens_seen
                 while self.step < t.max_steps and not self._stop_requested:
                     micro = self._next_micro_batches()
@@ -220,7 +227,7 @@ class Trainer:
                                               "tokens_per_s": tps, **self.memory.interval()})
                         interval_start, interval_tokens = time.perf_counter(), self.tokens_seen
                     if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
-                        self._write(metrics, {"step": self.step, **self.evaluate()})
+                        self._write_eval(metrics, self.evaluate())
                     if t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps:
                         self.save()
             result.interrupted = self._stop_requested
@@ -231,11 +238,13 @@ class Trainer:
                 self.save()
             if not result.interrupted:
                 result.eval = self.evaluate()
-                self._write(metrics, {"step": self.step, **result.eval})
+                self._write_eval(metrics, result.eval)
                 self._save_final()
         finally:
             if metrics:
                 metrics.close()
+            if self.trackers is not None:
+                self.trackers.finish()
             self._release()
         result.steps = self.step
         return result
@@ -262,7 +271,17 @@ class Trainer:
             self._say("Ctrl-C: stopping at the end of the current step (before the first one during start-up), "
                       "with a checkpoint; press Ctrl-C again to stop at once (the latest checkpoint is kept).")
 
+    def _write_eval(self, handle, figures: dict) -> None:
+        """An evaluation: metrics.jsonl and the trackers, and a line on the console."""
+        self._write(handle, {"step": self.step, **figures})
+        if figures and self.processes.is_main:
+            self.progress.say(f"eval at step {self.step}: loss {figures['eval_loss']:.4f}, perplexity "
+                              f"{figures['eval_perplexity']:.2f} ({figures['eval_tokens']:,} tokens)")
+
     def _write(self, handle, record: dict) -> None:
+        """A line of metrics.jsonl (main process), sent to the trackers too."""
+        if self.trackers is not None and record:
+            self.trackers.log(record)
         if handle is not None and record:
             try:
                 handle.write(json.dumps(record) + "\n")

@@ -49,6 +49,15 @@ class Progress:
             eta = (time.perf_counter() - self._t0) / max(done, 1) * (self.total - step)
             print(f"step {step}/{self.total}  {info}  eta {eta:.0f}s", file=sys.stderr, flush=True)
 
+    def say(self, line: str) -> None:
+        """A line on the console above the bar (or between the periodic lines)."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.console.print(line, highlight=False)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
     def __exit__(self, *exc) -> None:
         if self._bar is not None:
             self._bar.__exit__(*exc)

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
 from memft import methods as _methods  # noqa: F401  (registers the built-in methods)
 from memft.errors import RecipeError
 from memft.methods import registry
 from memft.methods.registry import Section
+from memft.train.trackers import TRACKERS
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -78,12 +79,21 @@ class TrainSection(Section):
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast precision for compute.")
     seed: int = Field(0, description="Seed for initialisation, data order and dropout.")
-    log_every: int = Field(10, ge=1, description="Steps between metric lines in metrics.jsonl.")
+    log_every: int = Field(10, ge=1, description="Steps between metric lines in metrics.jsonl, the trackers and "
+                           "the console.")
+    report_to: list[Literal[TRACKERS]] = Field(  # type: ignore[valid-type]
+        default_factory=list, description="Experiment trackers that receive the metrics (accelerate's: "
+        "tensorboard, wandb, mlflow, ...); files go to output_dir/trackers. One name or a list.")
     eval_every: int | None = Field(None, ge=1, description="Steps between evaluations (null: only at the end).")
     eval_batches: int | None = Field(None, ge=1, description="Evaluate on at most this many batches.")
     save_every: int | None = Field(None, ge=1, description="Steps between checkpoints (null: only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints to keep.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' uses CUDA when available.")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_more(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
 
 class FSDPOptions(Section):
@@ -381,8 +391,8 @@ FOREIGN_KEYS: dict[str, tuple[str | None, str]] = {
     "save_total_limit": ("train.keep_checkpoints", ""),
     "use_cpu": ("train.device=cpu", ""),
     "no_cuda": ("train.device=cpu", ""),
-    "report_to": (None, "a run writes its metrics to metrics.jsonl in train.output_dir"),
-    "logging_dir": (None, "a run writes its metrics to metrics.jsonl in train.output_dir"),
+    "report_to": ("train.report_to", "tensorboard, wandb, mlflow, ..."),
+    "logging_dir": (None, "trackers write under train.output_dir/trackers, metrics.jsonl beside it"),
     "resume_from_checkpoint": (None, "pass --resume [CHECKPOINT] to `memft finetune`"),
     "overwrite_output_dir": (None, "pass --overwrite to `memft finetune`"),
     "deepspeed": ("distributed.engine=deepspeed", "ZeRO options under distributed.deepspeed, no JSON file"),

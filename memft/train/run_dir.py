@@ -8,6 +8,7 @@ memft deletes only what it wrote. Inside a run directory it writes exactly these
     metrics.jsonl               one line per logged step and per evaluation
     memory.{json,md,png}        the memory report (memory-rank{r}.* for the other processes)
     checkpoints/                step-NNNNNNN/, .tmp-step-NNNNNNN/, latest
+    trackers/                   files of the experiment trackers (train.report_to)
     final/, .tmp-final/         the trained model
 
 A run starts only in a new or empty directory, or in one that holds nothing but these entries. With
@@ -37,12 +38,12 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 _OWNED_FILES = re.compile(r"run\.json|\.memft\.lock|metrics\.jsonl|\.(run\.json|metrics\.jsonl)\.tmp-\d+"
                           r"|memory(-rank\d+)?\.(json|md|png)")
-_OWNED_DIRS = {CHECKPOINTS, "final", ".tmp-final"}
+_OWNED_DIRS = {CHECKPOINTS, "final", ".tmp-final", "trackers"}
 _OWNED_IN_CHECKPOINTS = re.compile(r"(\.tmp-)?step-\d{7}|latest|\.latest\.tmp-\d+")
 
 # Recipe keys that may differ between a run and its resumption.
 RESUME_INDEPENDENT = {"train": {"output_dir", "max_steps", "log_every", "eval_every", "eval_batches", "save_every",
-                                "keep_checkpoints"}, "memory": {"report", "budget_gib"}}
+                                "keep_checkpoints", "report_to"}, "memory": {"report", "budget_gib"}}
 
 
 def is_owned(entry: Path) -> bool:

@@ -5,7 +5,11 @@ figures leave TRL's metrics on the loss line."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from importlib.resources import files
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,3 +90,12 @@ def test_memory_figures_leave_trls_metrics_on_the_loss_line(dataset, tokenizer, 
 def test_cut_cross_entropy_bypassed_by_trl_is_refused(dataset, tokenizer, tmp_path, single_thread):
     with pytest.raises(RuntimeError, match=r"MemftTrainerMixin, SFTTrainer"):
         sft(trl.SFTTrainer, CCE, dataset, tokenizer, tmp_path)
+
+
+def test_the_example_runs_and_shows_the_saving():
+    script = Path(__file__).resolve().parents[2] / "examples" / "trl_sft.py"
+    done = subprocess.run([sys.executable, str(script), "--max-steps", "2"], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    saving = [line for line in done.stdout.splitlines() if line.startswith("cut cross-entropy under SFTTrainer saves")]
+    assert saving and float(saving[0].split()[5]) > 0, done.stdout

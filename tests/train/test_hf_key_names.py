@@ -80,3 +80,20 @@ def test_a_memft_key_in_the_wrong_section_is_pointed_to_its_section():
         load_recipe(None, ["optimizer.seed=1"])
     with pytest.raises(RecipeError, match=r"- warmup_steps: unknown key. Did you mean train.warmup_steps\?"):
         load_recipe(None, ["warmup_steps=10"])
+
+
+def test_the_readme_table_agrees_with_the_mapping():
+    """Every Hugging Face name in the README's "Coming from" table is mapped, and its memft keys exist."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme.split("### Coming from the HF Trainer / TRL / LLaMA-Factory", 1)[1].split("\n\n| ", 1)[1]
+    rows = [line for line in ("| " + table).split("\n\n")[0].splitlines()[2:]
+            if line.startswith("| `") and "accelerate launch" not in line]  # a command, not a key
+    assert len(rows) >= 8
+    for row in rows:
+        theirs, ours = row.strip("|").split(" | ")[:2]
+        names = [name.split(":")[0] for name in re.findall(r"`([a-z_0-9]+(?::[^`]*)?)`", theirs)]
+        assert names and all(name in FOREIGN_KEYS for name in names), row
+        for key in RECIPE_KEY.findall(ours):
+            assert _is_key(key), f"{row}: {key} is not a recipe key"
