@@ -229,6 +229,16 @@ def cmd_loram_export(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """Write a checkpoint (or a run's newest intact one) as a directory `from_pretrained` loads."""
+    from memft.train.export import export
+
+    ckpt = export(Path(args.source), Path(args.dest))
+    print(f"Exported {ckpt} to {args.dest}: load it with AutoModelForCausalLM.from_pretrained (or "
+          "PeftModel.from_pretrained for an adapter).")
+    return 0
+
+
 def cmd_recipes(args) -> int:
     if args.copy:
         return _copy_recipe(args.copy, args.dest, args.force)
@@ -331,6 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="output directory (default RUN_DIR/recovered)")
     e.add_argument("--no-merge", action="store_true", help="write only the recovered PEFT adapter")
     e.set_defaults(func=cmd_loram_export)
+
+    p = sub.add_parser("export", help="write a checkpoint as a model directory that from_pretrained loads")
+    p.add_argument("source", help="a checkpoint directory (checkpoints/step-NNNNNNN), or a run directory for its "
+                   "newest intact checkpoint")
+    p.add_argument("dest", help="a new (or empty) directory for the model, its config and its tokenizer")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("recipes", help="list the shipped recipes (path and description), or copy one to edit")
     p.add_argument("--copy", metavar="NAME", help="write shipped recipe NAME to a file to edit (DEST)")

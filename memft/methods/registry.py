@@ -51,13 +51,15 @@ class PreparedModel:
     """The model after adapters and patches, with a way to undo the patches (not the adapter).
 
     `save_final(model, directory, state_dict=None)` writes what `final/` holds for this adapter (default:
-    save_pretrained); `state_dict` holds the full weights when an engine shards them.
+    save_pretrained); `state_dict` holds the full weights when an engine shards them. `base_model_name`: the
+    model as the recipe names it, which a saved adapter records as its base.
     """
 
     model: torch.nn.Module
     undo: list[Callable[[], None]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     save_final: Callable[..., None] | None = None
+    base_model_name: str | None = None
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,8 @@ def prepare_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dict
         build = registry.get(section, options.name).build
         if build is not None:
             build(prepared, options, calibration)
+    if "name_or_path" in recipe.model.model_fields_set:
+        prepared.base_model_name = recipe.model.name_or_path
     return prepared
 
 

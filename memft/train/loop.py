@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import signal
 import sys
 import threading
@@ -26,6 +24,7 @@ from memft.train import builders, checkpoint, run_dir
 from memft.train.distributed import current_processes, engine_for
 from memft.train.data import BatchOrder, Splits, build_splits, collate
 from memft.train.models import load_model, load_tokenizer
+from memft.train.export import write_pretrained
 from memft.train.progress import Progress
 from memft.train.trackers import Trackers
 from memft.train.trackers import check_installed as check_trackers_installed
@@ -296,28 +295,12 @@ class Trainer:
         full_state = self.engine.full_state_dict(self.model)  # collective for sharding engines
         if not self.processes.is_main:
             return
-        model = self.engine.unwrap(self.model)
-        for undo in reversed(self.prepared.undo):
-            undo()
-        tmp, final = self.out / ".tmp-final", self.out / "final"
+        final = self.out / "final"
         try:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            if self.prepared.save_final is not None:
-                self.prepared.save_final(model, str(tmp), state_dict=full_state)
-            elif full_state is not None:
-                model.save_pretrained(tmp, state_dict=full_state, safe_serialization=True)
-            else:
-                model.save_pretrained(tmp, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-        except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise RunError(f"Could not write the final model to '{final}' ({exc.strerror}). The last checkpoint "
-                           f"in '{self.out / 'checkpoints'}' holds the trained weights: free disk space and run "
-                           "the same command with --resume to write final/ again.") from exc
+            write_pretrained(self.prepared, self.engine.unwrap(self.model), self.tokenizer, final, full_state)
+        except RunError as exc:
+            raise RunError(f"{exc} The last checkpoint in '{self.out / 'checkpoints'}' holds the trained weights: "
+                           "run the same command with --resume to write final/ again.") from exc
 
 
 def _write_memory_report(memory: RunMemory, recipe: Recipe, out: Path, rank: int) -> None:
