@@ -207,7 +207,41 @@ def plot_comparison(
 ) -> Path:
     """PNG with one stacked bar (breakdown at the peak, GiB) per named report, e.g.
     ``plot_comparison({"adamw": a, "galore": b}, "cmp.png")``. Lines mark usable GPU memory below 1.3x
-    the tallest bar (default GPUs: the consumer ones)."""
+    the tallest bar (default GPUs: the consumer ones), labelled in the right margin."""
+    import matplotlib.pyplot as plt
+
+    fig = breakdown_figure(reports, gpus)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def chart_title(reports: Mapping[str, MemoryReport]) -> str:
+    """What the chart shows: the architecture and size, and whether the figures are estimated or measured."""
+    kinds = sorted({"estimated" if r.source == "estimated" else "measured" for r in reports.values()})
+    first = next(iter(reports.values()))
+    model = first.meta.get("architecture") or first.meta.get("model") or first.name
+    params = first.meta.get("parameters")
+    if params and all(r.meta.get("architecture") == first.meta.get("architecture") for r in reports.values()):
+        model = f"{model}, {params / 1e9:.2f}B parameters" if params >= 1e8 else f"{model}, {params / 1e6:.1f}M parameters"
+    return f"{model}: {' and '.join(kinds)} memory at the peak"
+
+
+def _gpu_labels(gpus: Iterable[str | GPU] | None, top: float) -> list[tuple[float, str]]:
+    """(usable GiB, label) per line to draw: GPUs with the same usable memory (to 0.1 GiB) share a line."""
+    lines: dict[float, list[str]] = {}
+    for row in fits_table(0, gpus if gpus is not None else CONSUMER_GPUS):
+        usable = row.usable_bytes / GIB
+        if usable <= 1.3 * top:
+            lines.setdefault(round(usable, 1), []).append(row.gpu.name)
+    return sorted((usable, " / ".join(names)) for usable, names in lines.items())
+
+
+def breakdown_figure(reports: Mapping[str, MemoryReport], gpus: Iterable[str | GPU] | None = None):
+    """The matplotlib figure of :func:`plot_comparison`: bars, GPU lines with their labels in the right margin
+    (spread apart so none overlaps another), the legend below the axes."""
     if not reports:
         raise ValueError("reports is empty: pass a mapping of name -> MemoryReport.")
     import matplotlib
@@ -216,29 +250,32 @@ def plot_comparison(
     import matplotlib.pyplot as plt
 
     names = list(reports)
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(names) + 2.5), 4.5))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(names) + 3.5), 5.0))
     bottoms = [0.0] * len(names)
     for c in CATEGORIES:
         heights = [reports[n].breakdown.get(c, 0) / GIB for n in names]
         ax.bar(names, heights, bottom=bottoms, color=COLORS[c], label=c)
         bottoms = [b + h for b, h in zip(bottoms, heights)]
     top = max(bottoms) or 1.0
-    for rep_name, total in zip(names, bottoms):
-        ax.annotate(f"{total:.2f}", (names.index(rep_name), total), ha="center", va="bottom", fontsize=8)
-    for row in fits_table(0, gpus if gpus is not None else CONSUMER_GPUS):
-        usable = row.usable_bytes / GIB
-        if usable <= 1.3 * top:
-            ax.axhline(usable, color="gray", linestyle="--", linewidth=0.8)
-            ax.annotate(row.gpu.name, (len(names) - 0.5, usable), ha="right", va="bottom", fontsize=7, color="gray")
+    for index, total in enumerate(bottoms):
+        ax.annotate(f"{total:.2f}", (index, total), ha="center", va="bottom", fontsize=8)
+    lines = _gpu_labels(gpus, top)
+    ax.set_ylim(0, max([top * 1.08] + [usable * 1.04 for usable, _ in lines]))
+    low, high = ax.get_ylim()
+    gap = (high - low) * 0.045  # one label's height in data units, at this figure size
+    placed: list[float] = []
+    for usable, label in lines:
+        y = max([usable] + [p + gap for p in placed])
+        placed.append(y)
+        ax.axhline(usable, color="gray", linestyle="--", linewidth=0.8)
+        ax.annotate(label, xy=(1.0, usable), xytext=(1.01, y), xycoords=("axes fraction", "data"),
+                    textcoords=("axes fraction", "data"), ha="left", va="center", fontsize=7, color="gray",
+                    annotation_clip=False)
     ax.set_ylabel("GiB at peak")
-    ax.set_title("memory breakdown at the peak")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title(chart_title(reports), fontsize=10)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3, frameon=False)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def comparison_markdown(reports: Mapping[str, MemoryReport]) -> str:

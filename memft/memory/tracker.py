@@ -642,8 +642,25 @@ class MemoryTracker:
             interval_peak_bytes=intervals,
             cuda=self.cuda_peaks(),
             module_activations=dict(self.module_activations) if self.track_modules else None,
+            meta=self._model_meta(),
             notes=notes,
         )
+
+    def _model_meta(self) -> dict:
+        """The tracked model's architecture (the Hugging Face class inside adapters and engine wrappers) and
+        its parameter count."""
+        if self.model is None:
+            return {}
+        inner = self.model
+        while True:
+            if callable(getattr(inner, "get_base_model", None)) and inner.get_base_model() is not inner:
+                inner = inner.get_base_model()  # PEFT
+            elif isinstance(getattr(inner, "module", None), nn.Module):
+                inner = inner.module  # DDP, DeepSpeed
+            else:
+                break
+        return {"architecture": type(inner).__name__,
+                "parameters": sum(p.numel() for p in self.model.parameters())}
 
 
 def _unpack(t: torch.Tensor) -> torch.Tensor:
