@@ -206,7 +206,15 @@ LAYERWISE = Variant("optimizer.layerwise", ("optimizer.name=galore_adamw", "opti
                     {engine: _LAYERWISE for engine in ("ddp", "fsdp", "deepspeed")})
 
 register(Method("optimizer", AdamWSection, _adamw))
-register(Method("optimizer", AdamW8bitSection, _adamw8bit, engines={"fsdp": _BNB_FSDP}))
+def _bnb_not_estimable(section) -> str:
+    return ("optimizer.name adamw8bit cannot be estimated: bitsandbytes' 8-bit AdamW reads its state's values on "
+            "the host, which fake tensors do not have. For the state's size, estimate optimizer.name=galore_adamw8bit "
+            "(the same block-wise 8-bit moments: 2 bytes per parameter and a 4-byte scale per 256); train "
+            "adamw8bit and read its measured peak in the run's memory.json.")
+
+
+register(Method("optimizer", AdamW8bitSection, _adamw8bit, engines={"fsdp": _BNB_FSDP},
+                not_estimable=_bnb_not_estimable))
 register(Method("optimizer", SGDSection, _sgd))
 register(Method("optimizer", MeZOSection, _mezo, step_kind=lambda s: "zeroth_order", refuses=_mezo_refuses,
                 engines={"fsdp": _MEZO_FSDP, "deepspeed": _MEZO_ZERO}))

@@ -93,7 +93,9 @@ def _prepare(model, recipe: Recipe):
 
 def check_builds(recipe: Recipe) -> None:
     """Build the recipe's model from its config, its methods and its optimizer on fake tensors (nothing is
-    allocated), so that `memft validate` refuses, with the same message, what would fail as a run starts."""
+    allocated), so that `memft validate` refuses, with the same message, what would fail as a run starts. An
+    optimizer the planner cannot estimate is not built (its library cannot take fake tensors); the schema has
+    checked its settings."""
     builders.check_compatibility(recipe)
     try:
         setup = hf_training_setup(recipe_config(recipe, None), recipe.model.dtype, 1, recipe.data.max_seq_len,
@@ -103,8 +105,11 @@ def check_builds(recipe: Recipe) -> None:
                                   attn_implementation=recipe.model.attn_implementation)
     except (ValueError, TypeError, OSError) as exc:
         raise RecipeError(f"the model config cannot be built: {exc}") from exc
+    optimizer = registry.get("optimizer", recipe.optimizer.name)
     with FakeTensorMode(allow_non_fake_inputs=True), _module_to_without_swaps(), torch.device("cpu"):
-        setup.build_optimizer(setup.build_model())
+        model = setup.build_model()
+        if optimizer.not_estimable(recipe.optimizer) is None:  # else its library cannot take fake tensors
+            setup.build_optimizer(model)
 
 
 def recipe_memory(recipe: Recipe, config: str | None = None, device: str = "cuda", measure: bool = False,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from memft.methods import registry
 from tests.conftest import tiny_recipe
 from tests.conftest import write_recipe
 
@@ -35,6 +36,7 @@ GOOD = {
     "wta-crs, bf16 autocast, accumulation": ["activations.name=wta_crs", "train.mixed_precision=bf16",
                                              "train.grad_accum=2"],
     "sgd with checkpointing": ["optimizer.name=sgd", "model.gradient_checkpointing=true"],
+    "bitsandbytes 8-bit adamw": ["optimizer.name=adamw8bit"],
 }
 
 
@@ -58,3 +60,13 @@ def test_what_validate_accepts_starts_training(cli, recipe_file, overrides):
     assert code == 0, err
     code, out, err = cli("finetune", recipe_file, *SMALL, *overrides)
     assert code == 0 and "Finished 1 steps" in out, err
+
+
+@pytest.mark.parametrize("name", [m.name for m in registry.methods("optimizer")])
+def test_the_planner_estimates_every_optimizer_or_says_why_not(cli, recipe_file, name):
+    code, out, err = cli("memory", recipe_file, f"optimizer.name={name}", "data.max_seq_len=32")
+    assert "Traceback" not in err
+    reason = registry.get("optimizer", name).not_estimable(None)
+    assert (code, bool(reason)) in ((0, False), (2, True)), err
+    if reason:
+        assert err == f"memft memory: error: {reason}\n"
