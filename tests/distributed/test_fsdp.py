@@ -27,6 +27,12 @@ def test_fsdp_matches_single_process_and_resumes(single_process, two_processes_r
     for name in reference:
         # Adam divides by sqrt(v): near-zero gradient entries amplify reduction-order differences.
         torch.testing.assert_close(full[name], reference[name], rtol=1e-3, atol=1e-4)
+    # `memft export` reads the sharded checkpoint in one process: the same model as final/ (the last step)
+    from memft.train.export import export
+
+    export(checkpoint, two.out.parent / "exported")
+    exported = load_file(two.out.parent / "exported" / "model.safetensors")
+    assert exported.keys() == full.keys() and all(torch.equal(exported[n], full[n]) for n in full)
     # every process reports its own memory (tracked exactly on its shards)
     rank0 = json.loads((two.out / "memory.json").read_text())
     rank1 = json.loads((two.out / "memory-rank1.json").read_text())
