@@ -387,7 +387,7 @@ def section_llama_7b_memory(args: argparse.Namespace) -> str:
         "the full state in place: the worst step of a run (one in `update_proj_gap`; LAPACK/cuSOLVER workspace is "
         "not a tensor and not counted). AdamW's temporaries are the full-size buffers of torch's foreach step "
         "(`foreach=True`, as on CUDA). The optimizer step's "
-        "temporaries are bounded by `chunk_numel` (2^22 elements: about 130 MiB for 8-bit moments) and by one "
+        "temporaries are bounded by `chunk_numel` (2^22 elements: about 100 MiB for 8-bit moments) and by one "
         "low-rank direction; the project-back is an in-place `addmm_`. Before this bound (commit 17648f0, "
         "whole-tensor fp32 dequantisation, full-size project-back, fp32 clipping buffers) the same estimates "
         "were 30.24 GiB with clipping and 25.40 GiB without.\n\n" + markdown_table(header, table)

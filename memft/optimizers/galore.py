@@ -266,9 +266,9 @@ class GaLoreAdamW(GaLoreOptimizer):
 
     The moments are updated ``chunk_numel`` flat elements at a time (a multiple of 256, the 8-bit
     block size; default 2**22), so an optimizer step's temporaries are a few chunk-sized buffers
-    (about 33 bytes per chunk element in the 8-bit variant, 4 here) plus one low-rank direction in the
-    parameter dtype: a plain parameter's update is added to it chunk by chunk, a
-    low-rank one is projected back by ``addmm_`` into the weight. Element-wise arithmetic does not
+    (about 24 bytes per chunk element in the 8-bit variant for bf16 parameters, 4 here) plus one
+    low-rank direction in the parameter dtype: a plain parameter's update is added to it chunk by
+    chunk, a low-rank one is projected back by ``addmm_`` into the weight. Element-wise arithmetic does not
     depend on the chunking, so the result equals the whole-tensor computation exactly.
     """
 
@@ -291,7 +291,7 @@ class GaLoreAdamW(GaLoreOptimizer):
         if isinstance(chunk_numel, bool) or not isinstance(chunk_numel, int) or chunk_numel < 1 or chunk_numel % q8.BLOCK_SIZE:
             raise ValueError(
                 f"`chunk_numel` must be a positive multiple of {q8.BLOCK_SIZE} (the 8-bit block size), got {chunk_numel!r}; "
-                "the default 2**22 keeps an 8-bit step's temporaries near 130 MiB (about 33 bytes per chunk element)."
+                "the default 2**22 keeps an 8-bit step's temporaries near 100 MiB (about 24 bytes per chunk element)."
             )
         self.chunk_numel = chunk_numel
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}, moments_on_refresh)
@@ -309,7 +309,7 @@ class GaLoreAdamW(GaLoreOptimizer):
         """Flat elements ``[start, stop)`` of both moments, as tensors updated in place then passed to :meth:`_save_moments`."""
         return state["exp_avg"].view(-1)[start:stop], state["exp_avg_sq"].view(-1)[start:stop]
 
-    def _save_moments(self, state: dict, start: int, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
+    def _save_moments(self, state: dict, group: dict[str, Any], start: int, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
         """Moments loaded as views were updated in place; the 8-bit variant requantises here."""
 
     # ----------------------------------------------------------------- Adam
@@ -332,7 +332,7 @@ class GaLoreAdamW(GaLoreOptimizer):
             chunk = flat_grad[start:stop].to(exp_avg.dtype)
             exp_avg.lerp_(chunk, 1 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(chunk, chunk, value=1 - beta2)
-            self._save_moments(state, start, exp_avg, exp_avg_sq)
+            self._save_moments(state, group, start, exp_avg, exp_avg_sq)
             direction = exp_avg_sq.sqrt().div_(root_correction2).add_(group["eps"])
             yield start, torch.div(exp_avg, direction, out=direction)  # one temporary, reused in place
 
@@ -368,16 +368,45 @@ class GaLoreAdamW(GaLoreOptimizer):
         state["exp_avg_sq"] = map_low_rank(state["exp_avg_sq"], t_left, t_right, squared=True)
 
 
-class GaLoreAdamW8bit(GaLoreAdamW):
-    """:class:`GaLoreAdamW` with block-wise 8-bit moments (arXiv 2110.02861).
+def adam_moment_bound(betas: tuple[float, float], steps: int) -> float:
+    """``K_n = (1 - β1)² / (1 - β2) · Σ_{k<n} (β1² / β2)^k``: after ``n`` Adam steps from zero moments, ``m² <= K_n v``.
 
-    Moments with at least 4096 elements are stored as uint8 codes with one fp32 scale per block of
-    256 (``exp_avg_codes``, ``exp_avg_absmax``, ``exp_avg_sq_codes``, ``exp_avg_sq_absmax``, plus
-    ``moment_shape``); smaller ones stay fp32 (``exp_avg``, ``exp_avg_sq``). Each step dequantises one
-    chunk of ``chunk_numel`` elements (whole blocks) to fp32, updates it, computes that chunk of the
-    update from the fp32 moments and requantises it in place; since blocks are encoded independently
-    the codes equal those of the whole-tensor computation. Pure torch (no bitsandbytes): it runs on
-    CPU and under ``FakeTensorMode``, and counts ``step`` exactly once.
+    By Cauchy-Schwarz on ``m_n = Σ (1 - β1) β1^(n-i) g_i`` and ``v_n = Σ (1 - β2) β2^(n-i) g_i²``; equality at
+    ``n = 1``. Hence Adam's step ``|m̂ / √v̂| <= √(K_n (1 - β2^n)) / (1 - β1^n)`` (1.00 at n = 1, 1.04 at n = 10 for
+    betas (0.9, 0.999)). 0 for ``n = 0``, infinite for ``β2 = 0`` (no bound).
+    """
+    beta1, beta2 = betas
+    if steps <= 0:
+        return 0.0
+    if beta2 == 0:
+        return math.inf
+    ratio = beta1 * beta1 / beta2
+    series = steps if ratio == 1 else (1 - ratio**steps) / (1 - ratio)
+    return (1 - beta1) ** 2 / (1 - beta2) * series
+
+
+class GaLoreAdamW8bit(GaLoreAdamW):
+    """:class:`GaLoreAdamW` with block-wise 8-bit moments (arXiv 2110.02861) in bitsandbytes' format.
+
+    Moments with at least 4096 elements are stored as uint8 codes with one fp32 scale per block of 256
+    (``exp_avg_codes``, ``exp_avg_absmax``, ``exp_avg_sq_codes``, ``exp_avg_sq_absmax``, plus
+    ``moment_shape``): ``m`` in bitsandbytes' signed dynamic map, ``v`` in its unsigned one. Smaller moments
+    stay fp32 (``exp_avg``, ``exp_avg_sq``). Each step dequantises one chunk of ``chunk_numel`` elements
+    (whole blocks) to fp32, updates it, computes that chunk of the update from the fp32 moments and
+    requantises it in place; since blocks are encoded independently the codes equal those of the
+    whole-tensor computation. The codec (:mod:`memft.optimizers._blockwise8bit`) runs bitsandbytes' kernels
+    when it is installed (fake tensors included) and an equivalent pure-torch codec otherwise; ``step`` is
+    counted exactly once, here.
+
+    Consistent moments: ``v`` scales as the square of the gradient, so inside a block it spans twice the
+    orders of magnitude ``m`` does. An element far below its block's largest gradient (``v / absmax`` under
+    the unsigned book's smallest codes, ~1e-7, while ``m / absmax`` ~1e-4 still has a fine code) can lose
+    ``v`` to rounding and keep ``m``; once its own gradients are small, ``m / (√v + eps)`` exceeds Adam's
+    step by orders of magnitude. Every exact Adam state satisfies ``m² <= K_t v`` (:func:`adam_moment_bound`),
+    so after updating the dequantised moments with the step-``t`` gradient, ``v`` is raised to ``m² / K_t``
+    where it is below, before it is stored and used. Exact moments are unchanged (up to rounding), and every
+    element's step is within Adam's own bound ``√(K_t (1 - β2^t)) / (1 - β1^t)`` whatever the rounding
+    (bitsandbytes' CPU and CUDA kernels round differently near zero).
     """
 
     def _init_moments(self, state: dict, like: Tensor, param: Tensor) -> None:
@@ -386,8 +415,8 @@ class GaLoreAdamW8bit(GaLoreAdamW):
             state["exp_avg_sq"] = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
             return
         state["moment_shape"] = list(like.shape)
-        state["exp_avg_codes"], state["exp_avg_absmax"] = q8.zeros(like.numel(), signed=True, device=like.device)
-        state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"] = q8.zeros(like.numel(), signed=False, device=like.device)
+        state["exp_avg_codes"], state["exp_avg_absmax"] = q8.zeros(like.numel(), like.device)
+        state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"] = q8.zeros(like.numel(), like.device)
 
     def _has_moments(self, state: dict) -> bool:
         return "exp_avg" in state or "exp_avg_codes" in state
@@ -399,10 +428,15 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         exp_avg_sq = q8.dequantize_range(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], start, stop, signed=False)
         return exp_avg, exp_avg_sq
 
-    def _save_moments(self, state: dict, start: int, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
-        if "exp_avg" not in state:
-            q8.quantize_range_(state["exp_avg_codes"], state["exp_avg_absmax"], start, exp_avg, signed=True)
-            q8.quantize_range_(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], start, exp_avg_sq, signed=False)
+    def _save_moments(self, state: dict, group: dict[str, Any], start: int, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
+        """Raise ``v`` to ``m² / K_t`` where the quantised history left it below (class docstring), then requantise."""
+        if "exp_avg" in state:
+            return
+        bound = adam_moment_bound(group["betas"], state["step"])
+        if bound < math.inf:
+            exp_avg_sq.clamp_min_(torch.mul(exp_avg, exp_avg).div_(bound))
+        q8.quantize_range_(state["exp_avg_codes"], state["exp_avg_absmax"], start, exp_avg, signed=True)
+        q8.quantize_range_(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], start, exp_avg_sq, signed=False)
 
     def _reproject_state(self, state: dict, t_left: Tensor | None, t_right: Tensor | None) -> None:
         if "exp_avg" in state:
