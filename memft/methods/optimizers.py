@@ -208,9 +208,10 @@ LAYERWISE = Variant("optimizer.layerwise", ("optimizer.name=galore_adamw", "opti
 register(Method("optimizer", AdamWSection, _adamw))
 def _bnb_not_estimable(section) -> str:
     return ("optimizer.name adamw8bit cannot be estimated: bitsandbytes' 8-bit AdamW reads its state's values on "
-            "the host, which fake tensors do not have. For the state's size, estimate optimizer.name=galore_adamw8bit "
-            "(the same block-wise 8-bit moments: 2 bytes per parameter and a 4-byte scale per 256); train "
-            "adamw8bit and read its measured peak in the run's memory.json.")
+            "the host, which fake tensors do not have. Its state is 2 bytes per parameter and a 4-byte scale per 256 "
+            "(8 bytes per parameter for tensors under 4096 elements); estimate optimizer.name=adamw and replace its "
+            "8 bytes of state per parameter by that, or train adamw8bit and read its measured peak in the run's "
+            "memory.json.")
 
 
 register(Method("optimizer", AdamW8bitSection, _adamw8bit, engines={"fsdp": _BNB_FSDP},
