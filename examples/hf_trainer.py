@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, T
 from transformers.trainer_callback import PrinterCallback
 
 from memft.integrations import MemftCallback, MemftTrainer, apply_memft, memft_optimizer
-from memft.train.data import build_splits, collate
+from memft.train.data import build_splits, collate, model_inputs
 from memft.train.models import resolve_model_path
 from memft.train.recipe import DataSection, apply_overrides, load_recipe_data
 
@@ -80,7 +80,7 @@ def main() -> None:
             save_strategy="no", report_to=cli.report_to, use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
             seed=0)
         trainer = MemftTrainer(model=model, args=args, train_dataset=rows, optimizers=(optimizer, scheduler),
-                               data_collator=lambda examples: collate(examples, tokenizer.pad_token_id),
+                               data_collator=lambda examples: model_inputs(collate(examples, tokenizer.pad_token_id)),
                                callbacks=[PrintLogs(), MemftCallback(track_steps=cli.track_steps)])
         trainer.remove_callback(PrinterCallback)  # PrintLogs prints instead
         trainer.train()

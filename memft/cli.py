@@ -147,16 +147,17 @@ def cmd_validate(args) -> int:
 
         load_edit_recipe(path, args.overrides)
     else:
-        from memft.train.data import build_splits
+        from memft.train.data import build_splits, with_run_length
         from memft.train.memory_estimate import check_builds
         from memft.train.models import load_tokenizer
-
         from memft.train.trackers import check_installed
 
         recipe = load_finetune_recipe(args.recipe, args.overrides)
         check_installed(recipe.train.report_to)
         check_builds(recipe)  # model, methods and optimizer as a run starts, on fake tensors
-        for note in build_splits(recipe.data, load_tokenizer(recipe.model), recipe.train.seed).notes:
+        splits = build_splits(recipe.data, load_tokenizer(recipe.model), recipe.train.seed)
+        processes = recipe.distributed.nproc_per_node if recipe.distributed.engine != "none" else 1
+        for note in splits.notes + with_run_length(recipe, len(splits.train), processes)[1]:
             print(note)
     print(f"{args.recipe}: valid {kind} recipe.")
     return 0

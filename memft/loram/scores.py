@@ -86,7 +86,10 @@ def _as_model_inputs(batch: Batch, device: torch.device) -> dict[str, torch.Tens
             "Each calibration batch must be a LongTensor of input_ids [batch, seq] or a mapping with 'input_ids' "
             f"(and optionally 'attention_mask', 'labels'), got {type(batch).__name__}."
         )
-    inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+    if "position_ids" in batch:  # packed rows: attention stays within each example only without the mask
+        batch = {k: v for k, v in batch.items() if k != "attention_mask"}
+    keys = ("input_ids", "attention_mask", "position_ids", "labels")
+    inputs = {k: v.to(device) for k, v in batch.items() if k in keys}
     inputs.setdefault("labels", inputs["input_ids"])
     return inputs
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -372,7 +372,9 @@ class HFTrainingSetup:
     """Builders for one Hugging Face training configuration, shared by estimation and measurement.
 
     ``build_model`` builds the architecture from its config (random weights), ``make_batch`` draws a random
-    batch of the configured shape, ``build_optimizer`` is the optimizer factory (or None).
+    batch of the configured shape, ``build_optimizer`` is the optimizer factory (or None). ``packed``: the
+    batches hold several sequences per row (position ids restarting, no attention mask), so HF builds the
+    block mask that keeps them apart; otherwise they are unpacked (:func:`hf_unpacked_sequences`).
     """
 
     name: str
@@ -380,6 +382,10 @@ class HFTrainingSetup:
     make_batch: MakeBatch
     build_optimizer: BuildOptimizer | None
     meta: dict[str, Any] = field(default_factory=dict)
+    packed: bool = False
+
+    def _sequences(self):
+        return nullcontext() if self.packed else hf_unpacked_sequences()
 
     def estimate(
         self,
@@ -391,7 +397,7 @@ class HFTrainingSetup:
         track_modules: bool = False,
     ) -> MemoryReport:
         """``estimate_training_memory`` of this setup (fake tensors)."""
-        with hf_unpacked_sequences():
+        with self._sequences():
             return estimate_training_memory(
                 self.build_model,
                 self.make_batch,
@@ -414,7 +420,7 @@ class HFTrainingSetup:
         track_modules: bool = False,
     ) -> MemoryReport:
         """``measure_training_memory`` of this setup (real tensors on ``device``)."""
-        with hf_unpacked_sequences():
+        with self._sequences():
             return measure_training_memory(
                 self.build_model,
                 self.make_batch,

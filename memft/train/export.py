@@ -23,6 +23,7 @@ import torch
 
 from memft.errors import RunError
 from memft.train import builders, checkpoint
+from memft.train.data import with_chat_template
 from memft.train.models import load_model, load_tokenizer
 from memft.train.recipe import validate_recipe
 
@@ -123,5 +124,5 @@ def export(source: Path, dest: Path) -> Path:
     _load_weights(ckpt, state.get("engine", "none"), prepared.model)
     if dest.exists():
         dest.rmdir()
-    write_pretrained(prepared, prepared.model, load_tokenizer(recipe.model), dest)
+    write_pretrained(prepared, prepared.model, with_chat_template(load_tokenizer(recipe.model), recipe.data), dest)
     return ckpt

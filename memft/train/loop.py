@@ -22,7 +22,7 @@ import torch
 from memft.errors import RunError
 from memft.train import builders, checkpoint, run_dir
 from memft.train.distributed import current_processes, engine_for
-from memft.train.data import BatchOrder, Splits, build_splits, collate
+from memft.train.data import BatchOrder, Splits, build_splits, collate, model_inputs, with_chat_template, with_run_length
 from memft.train.models import load_model, load_tokenizer
 from memft.train.export import write_pretrained
 from memft.train.progress import Progress
@@ -83,11 +83,13 @@ class Trainer:
         """Model, data, methods, engine and optimizer; the run directory is already locked."""
         t, procs = recipe.train, self.processes
         torch.manual_seed(t.seed)
-        self.tokenizer = load_tokenizer(recipe.model)
+        self.tokenizer = with_chat_template(load_tokenizer(recipe.model), recipe.data)
         model = load_model(recipe.model)
         self.splits: Splits = build_splits(recipe.data, self.tokenizer, t.seed)
+        recipe, length_notes = with_run_length(recipe, len(self.splits.train), procs.world)
+        self.recipe = recipe
         if procs.is_main:
-            self._say(*self.splits.notes)
+            self._say(*self.splits.notes, *length_notes)
         self.prepared = builders.prepare_model(model, recipe, self._calibration_batches())
         built: dict = {}
 
@@ -121,7 +123,7 @@ class Trainer:
     def train_step(self, micro: list[dict]) -> float:
         """One optimizer step over `micro` (memft.train.step); returns the step's mean token loss."""
         tokens = int(self.processes.sum(float(sum(b["attention_mask"].sum() for b in micro))))
-        micro = [{k: v.to(self.accelerator.device) for k, v in _without_full_mask(b).items()} for b in micro]
+        micro = [{k: v.to(self.accelerator.device) for k, v in model_inputs(b).items()} for b in micro]
         loss = float(self.driver.step(self.model, self.optimizer, micro))
         if not math.isfinite(loss):
             raise RunError(f"The loss became {loss} at step {self.step + 1}; training stopped. The last good "
@@ -144,7 +146,8 @@ class Trainer:
         mine = self.splits.eval[:limit][procs.rank:: procs.world]
         total, count = 0.0, 0
         for start in range(0, len(mine), t.batch_size):
-            batch = {k: v.to(acc.device) for k, v in collate(mine[start: start + t.batch_size], pad).items()}
+            batch = model_inputs(collate(mine[start: start + t.batch_size], pad))
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
             n = count_items([batch])
             if n:
                 total += self.driver.loss(self.model, batch, n).float().item() * n
@@ -321,15 +324,6 @@ def _write_memory_report(memory: RunMemory, recipe: Recipe, out: Path, rank: int
     if rank:
         report.meta["process"] = rank
     report.save(out, stem="memory" if rank == 0 else f"memory-rank{rank}")
-
-
-def _without_full_mask(batch: dict) -> dict:
-    """The batch without its attention mask when it has no padding (checked on the CPU, before the transfer):
-    transformers then attends causally all the same and builds no mask tensors, which compressed attention
-    would keep, exactly as the planner's batches."""
-    if bool(batch["attention_mask"].all()):
-        return {k: v for k, v in batch.items() if k != "attention_mask"}
-    return batch
 
 
 def _catch_ctrl_c(handler):

@@ -143,16 +143,24 @@ def recipe_memory(recipe: Recipe, config: str | None = None, device: str = "cuda
     one_batch = setup.make_batch
     tokens = t.grad_accum * t.batch_size * (recipe.data.max_seq_len - 1)  # every label trained, after the shift
 
+    packed = recipe.data.packing
+
     def micro_batches() -> list[dict]:
         # Labels in their own tensor, as the loop's collate makes them. No attention mask: on the loop's
-        # all-ones mask transformers skips the mask, which it cannot see on fake tensors.
+        # all-ones mask transformers skips the mask, which it cannot see on fake tensors; packed rows go
+        # without one too, with position ids restarting at each sequence (here two per row).
         batches = [one_batch() for _ in range(t.grad_accum)]
-        return [{"input_ids": b["input_ids"], "labels": b["labels"].clone()} for b in batches]
+        micro = [{"input_ids": b["input_ids"], "labels": b["labels"].clone()} for b in batches]
+        if packed:
+            for b in micro:
+                rows, length = b["input_ids"].shape
+                b["position_ids"] = (torch.arange(length) % ((length + 1) // 2)).expand(rows, length)
+        return micro
 
     def train_step(model, micro, optimizer):
         driver["step"].step(model, optimizer, micro, num_items=tokens)
 
-    setup = dataclasses.replace(setup, make_batch=micro_batches)
+    setup = dataclasses.replace(setup, make_batch=micro_batches, packed=packed)
     with _module_to_without_swaps():
         if measure:
             report = setup.measure(train_step=train_step, device=device)

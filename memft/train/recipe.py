@@ -43,34 +43,91 @@ class ModelSection(Section):
 
 # ---------------------------------------------------------------------------------------------- data
 class DatasetSource(Section):
-    path: str = Field(..., description="Local .jsonl/.json/.csv/.parquet/.txt file, a hub dataset name, or a "
-                      "bundled set ('memft:alpaca', 'memft:chat', 'memft:text').")
+    path: str = Field(..., description="Where the rows are: a bundled set ('memft:alpaca', 'memft:chat', "
+                      "'memft:text'); a .jsonl/.json/.csv/.parquet/.txt file; a folder (the data files directly in "
+                      "it) or a glob ('data/*.jsonl'), all of one format; a folder written by "
+                      "`datasets.save_to_disk`; otherwise what `datasets.load_dataset` takes: a builder name "
+                      "('json', 'csv', 'parquet', 'text') with `data_files`, a dataset folder or a hub id.")
     format: Literal["text", "alpaca", "chat"] = Field(..., description="'text': plain text in `text_field`; "
                                                      "'alpaca': instruction/input/output; 'chat': `messages` "
-                                                     "with roles, rendered by the tokenizer's chat template.")
-    split: str = Field("train", description="Split to read (hub datasets; local files have one 'train' split).")
+                                                     "with roles, rendered by the chat template (the tokenizer's, "
+                                                     "or data.chat_template).")
+    name: str | None = Field(None, description="Configuration name for `datasets.load_dataset` (a dataset with "
+                             "several configurations); reads `path` through load_dataset.")
+    data_files: str | list[str] | None = Field(None, description="Files or globs for `datasets.load_dataset`, "
+                                               "e.g. path: json with data_files: [a.jsonl, b.jsonl]; reads "
+                                               "`path` through load_dataset.")
+    split: str = Field("train", description="Split to read from `datasets.load_dataset` or from a "
+                       "`save_to_disk` folder of several splits; data files and folders have one split.")
     text_field: str = Field("text", description="Column holding the text for format 'text'.")
     max_examples: int | None = Field(None, ge=1, description="Use at most this many rows (first rows).")
 
+    @model_validator(mode="after")
+    def _load_dataset_options_need_load_dataset(self) -> "DatasetSource":
+        if (self.name is not None or self.data_files is not None) and self.path.startswith("memft:"):
+            raise ValueError(f"name and data_files are options of datasets.load_dataset, but path '{self.path}' is "
+                             "a bundled set; remove them, or set path to a builder ('json', ...) or a hub id")
+        return self
+
+
+class MixSource(DatasetSource):
+    weight: float = Field(..., gt=0, description="This source's share of the mixture, relative to the other "
+                          "sources' weights (normalised to sum to 1).")
+
 
 class DataSection(Section):
-    train: DatasetSource = Field(default_factory=lambda: DatasetSource(path="memft:alpaca", format="alpaca"),
-                                 description="Training data.")
+    train: DatasetSource | None = Field(default_factory=lambda: DatasetSource(path="memft:alpaca", format="alpaca"),
+                                        description="Training data (one source; several go in `mix`).")
+    mix: list[MixSource] | None = Field(None, description="Several training sources mixed by weight, instead of "
+                                        "`train`. The mixture holds as many examples as the sources together; "
+                                        "each source gives its weight's share of them, drawn (by train.seed) "
+                                        "without repeats up to its size and repeating every example evenly "
+                                        "beyond it; the mixture is then shuffled. The run's notes give each "
+                                        "source's count.")
     eval: DatasetSource | None = Field(None, description="Evaluation data; if absent, `eval_fraction` of the "
-                                       "training rows is held out.")
+                                       "training rows is held out (of each `mix` source, before mixing).")
     eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Fraction of training rows held out for "
                                  "evaluation when `eval` is not given (0 disables evaluation).")
-    max_seq_len: int = Field(256, ge=8, description="Sequences are truncated (or packed) to this many tokens; "
-                             "must not exceed the model's maximum positions.")
-    packing: bool = Field(False, description="Concatenate examples into full-length sequences (no padding).")
+    max_seq_len: int = Field(256, ge=8, description="Examples are truncated to this many tokens (packed rows are "
+                             "this long); must not exceed the model's maximum positions.")
+    packing: bool = Field(False, description="Place several whole examples in each row of max_seq_len tokens "
+                          "(longest first, each into the fullest row with room; the rest is padding). Position "
+                          "ids restart at every example, so attention stays within it, and no token is trained to "
+                          "predict the next example's first token: each example's loss is the one it has alone.")
     loss_on: Literal["response", "all"] = Field("response", description="For alpaca/chat: train only on "
                                                 "response tokens ('response') or on every token ('all').")
+    chat_template: str | None = Field(None, description="Chat template for format 'chat' instead of the "
+                                      "tokenizer's: Jinja text, or the path of a .jinja file.")
+
+    @model_validator(mode="after")
+    def _one_training_source(self) -> "DataSection":
+        if self.mix is not None:
+            if self.train is not None and "train" in self.model_fields_set:
+                raise ValueError("data.train and data.mix both give the training data; move data.train into "
+                                 "data.mix (with a weight) or remove data.mix (data.train=null drops a recipe's "
+                                 "data.train)")
+            if len(self.mix) < 2:
+                raise ValueError(f"data.mix mixes several sources, but it has {len(self.mix)}; for one source use "
+                                 "data.train")
+            self.train = None  # the mix is the training data
+        elif self.train is None:
+            raise ValueError("data.train is null; give a training source, or several in data.mix")
+        sources = [*(self.mix or [self.train]), *([self.eval] if self.eval else [])]
+        if self.chat_template is not None and all(s.format != "chat" for s in sources):
+            raise ValueError("data.chat_template renders format 'chat', but no data source has format chat; "
+                             "remove data.chat_template")
+        return self
 
 
 # --------------------------------------------------------------------------------------------- train
 class TrainSection(Section):
     output_dir: str = Field("runs/quickstart", description="Directory for checkpoints, metrics and reports.")
-    max_steps: int = Field(100, ge=1, description="Optimizer steps to run.")
+    max_steps: int | None = Field(100, ge=1, description="Optimizer steps to run (unless `num_epochs` is given).")
+    num_epochs: float | None = Field(None, gt=0, description="Run length in epochs of the training examples, "
+                                     "instead of `max_steps` (which must then be left out or null); may be "
+                                     "fractional. An epoch is floor(examples / (batch_size x processes)) "
+                                     "micro-batches; the run is ceil(num_epochs x that / grad_accum) steps, said "
+                                     "in the run's notes.")
     batch_size: int = Field(8, ge=1, description="Sequences per micro-batch (per process).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="Decay after warmup.")
@@ -94,6 +151,18 @@ class TrainSection(Section):
     @classmethod
     def _one_or_more(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_run_length(self) -> "TrainSection":
+        if self.num_epochs is None:
+            if self.max_steps is None:
+                raise ValueError("train.max_steps is null and train.num_epochs is not set; set one of them")
+        elif "max_steps" in self.model_fields_set and self.max_steps is not None:
+            raise ValueError(f"train.max_steps={self.max_steps} and train.num_epochs={self.num_epochs:g} both set the "
+                             "run's length; keep one (train.max_steps=null drops a recipe's max_steps)")
+        else:
+            self.max_steps = None  # set from the epochs once the data is read (memft.train.data.with_run_length)
+        return self
 
 
 class FSDPOptions(Section):
@@ -347,7 +416,7 @@ FOREIGN_KEYS: dict[str, tuple[str | None, str]] = {
     "max_samples": ("data.train.max_examples", ""),
     "val_size": ("data.eval_fraction", ""),
     "train_on_prompt": ("data.loss_on=all", "data.loss_on=response learns only the responses"),
-    "template": (None, "chat data (data.train.format=chat) is rendered with the tokenizer's own chat template"),
+    "template": ("data.chat_template", "Jinja text or a .jinja file, not a LLaMA-Factory template name"),
     "learning_rate": ("optimizer.lr", ""),
     "weight_decay": ("optimizer.weight_decay", ""),
     "adam_beta1": ("optimizer.betas", "a pair [beta1, beta2]"),
@@ -369,9 +438,7 @@ FOREIGN_KEYS: dict[str, tuple[str | None, str]] = {
     "quantization_bit": (None, "only LoRAM's pruned model is quantised (adapter.name=loram, adapter.quantize=nf4)"),
     "output_dir": ("train.output_dir", ""),
     "max_steps": ("train.max_steps", ""),
-    "num_train_epochs": (None, "a run's length is train.max_steps, in optimizer steps (the data repeats epoch "
-                               "after epoch; one epoch is rows / (train.batch_size x train.grad_accum x processes) "
-                               "steps)"),
+    "num_train_epochs": ("train.num_epochs", "instead of train.max_steps"),
     "per_device_train_batch_size": ("train.batch_size", ""),
     "per_device_eval_batch_size": (None, "evaluation uses train.batch_size; train.eval_batches caps the batches"),
     "gradient_accumulation_steps": ("train.grad_accum", ""),
@@ -443,6 +510,9 @@ def _walk(loc: tuple) -> tuple[tuple, Any]:
     while i < len(loc):
         part, parent = loc[i], model
         clean.append(part)
+        if isinstance(part, int):  # an item of a list of sections (data.mix.0): the keys are the section's
+            i += 1
+            continue
         fields = model.model_fields if isinstance(model, type) else {}
         members = _members(fields[part].annotation) if isinstance(part, str) and part in fields else []
         model = members[0] if len(members) == 1 else None

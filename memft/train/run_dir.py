@@ -42,8 +42,8 @@ _OWNED_DIRS = {CHECKPOINTS, "final", ".tmp-final", "trackers"}
 _OWNED_IN_CHECKPOINTS = re.compile(r"(\.tmp-)?step-\d{7}|latest|\.latest\.tmp-\d+")
 
 # Recipe keys that may differ between a run and its resumption.
-RESUME_INDEPENDENT = {"train": {"output_dir", "max_steps", "log_every", "eval_every", "eval_batches", "save_every",
-                                "keep_checkpoints", "report_to"}, "memory": {"report", "budget_gib"}}
+RESUME_INDEPENDENT = {"train": {"output_dir", "max_steps", "num_epochs", "log_every", "eval_every", "eval_batches",
+                                "save_every", "keep_checkpoints", "report_to"}, "memory": {"report", "budget_gib"}}
 
 
 def is_owned(entry: Path) -> bool:

@@ -69,16 +69,16 @@ def test_truncation_and_packing(tokenizer):
     rows = load_rows(source, "data.train")
     truncated = tokenize_rows(rows, source, tokenizer, _section(max_seq_len=16), "k")
     assert max(len(e["input_ids"]) for e in truncated) == 16
-    packed = tokenize_rows(rows, source, tokenizer, _section(max_seq_len=64, packing=True), "k")
-    assert all(len(e["input_ids"]) == 64 for e in packed[:-1])
-    unpacked = tokenize_rows(rows, source, tokenizer, _section(max_seq_len=10_000), "k")
-    assert sum(len(e["input_ids"]) for e in packed) == sum(len(e["input_ids"]) for e in unpacked)
+    unpacked = tokenize_rows(rows, source, tokenizer, _section(max_seq_len=128), "k")
+    packed = pack(unpacked, 128, tokenizer.pad_token_id)
+    assert len(packed) < len(unpacked) and {len(e["input_ids"]) for e in packed} == {128}
+    assert sum(sum(e["attention_mask"]) for e in packed) == sum(len(e["input_ids"]) for e in unpacked)
 
 
 def test_pack_and_collate_shapes():
     examples = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4, 5], "labels": [4, 5]}]
-    assert pack(examples, 2) == [{"input_ids": [1, 2], "labels": [-100, 2]}, {"input_ids": [3, 4], "labels": [3, 4]},
-                                 {"input_ids": [5], "labels": [5]}]
+    assert pack(examples, 6, pad_id=0) == [{"input_ids": [1, 2, 3, 4, 5, 0], "labels": [-100, 2, 3, -100, 5, -100],
+                                            "position_ids": [0, 1, 2, 0, 1, 2], "attention_mask": [1, 1, 1, 1, 1, 0]}]
     batch = collate(examples, pad_id=0)
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 5, 0]]
     assert batch["labels"].tolist() == [[-100, 2, 3], [4, 5, -100]]

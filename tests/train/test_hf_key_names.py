@@ -61,9 +61,8 @@ def test_names_in_a_file_are_answered_at_the_top_level_and_in_sections(tmp_path)
     hf = "is a Hugging Face / LLaMA-Factory name"
     assert set(lines[1:]) == {
         f"  - learning_rate: unknown key. 'learning_rate' {hf}; in memft it is optimizer.lr.",
-        f"  - num_train_epochs: unknown key. 'num_train_epochs' {hf}; memft has no such setting: a run's length is "
-        "train.max_steps, in optimizer steps (the data repeats epoch after epoch; one epoch is rows / "
-        "(train.batch_size x train.grad_accum x processes) steps).",
+        f"  - num_train_epochs: unknown key. 'num_train_epochs' {hf}; in memft it is train.num_epochs (instead of "
+        "train.max_steps).",
         f"  - train.per_device_train_batch_size: unknown key. 'per_device_train_batch_size' {hf}; in memft it is "
         "train.batch_size.",
         f"  - train.bf16: unknown key. 'bf16' {hf}; in memft it is train.mixed_precision=bf16.",

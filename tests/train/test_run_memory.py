@@ -73,7 +73,8 @@ def test_report_holds_the_tracked_steps_and_the_callers_meta():
     _train(memory, model, optimizer, 2)
     report = memory.report("my-run", {"model": "mlp", "batch_size": 16})
     assert report.name == "my-run" and report.source == "tracked"
-    assert report.meta == {"model": "mlp", "batch_size": 16, "tracked_steps": 2}
+    assert report.meta == {"architecture": "Sequential", "parameters": 420, "model": "mlp", "batch_size": 16,
+                           "tracked_steps": 2}
     assert report.peak_bytes == memory.run()["run_tracked_peak_bytes"]
     assert report.breakdown["optimizer_state"] > 0
 

@@ -14,8 +14,9 @@ from memft.recipe_files import RECIPES_DIR, shipped_recipes
 from memft.train.recipe import load_recipe, validate_recipe
 from memft.train.step import StepDriver, count_items
 
-# Packed text: every batch is full length, the planner's worst case, so both see the same shapes.
-BASE = {"data": {"train": {"path": "memft:text", "format": "text", "max_examples": 120}, "max_seq_len": 64,
+# Packed text (lines of 42-47 tokens, two to a row of 96): every batch is full length and holds several
+# sequences per row, as the planner's packed batches.
+BASE = {"data": {"train": {"path": "memft:text", "format": "text", "max_examples": 120}, "max_seq_len": 96,
                  "packing": True, "eval_fraction": 0.0},
         "train": {"max_steps": 2, "batch_size": 4, "log_every": 1, "device": "cpu"},
         "memory": {"track_steps": 2}}
