@@ -179,7 +179,9 @@ def _galore(model, s, recipe) -> torch.optim.Optimizer:
             kwargs.update(history_size=s.history_size, damping=s.damping, history_on_refresh=s.history_on_refresh)
     kwargs["moments_on_refresh"] = s.moments_on_refresh
     if s.layerwise:
-        return LayerwiseOptimizer(groups, cls, max_grad_norm=recipe.train.max_grad_norm, **kwargs)
+        optimizer = LayerwiseOptimizer(groups, cls, max_grad_norm=recipe.train.max_grad_norm, **kwargs)
+        optimizer.watch_embeddings(model)  # clipping learns the embedding's norm before its full gradient exists
+        return optimizer
     return cls(groups, **kwargs)
 
 

@@ -202,13 +202,14 @@ def test_clipping_holds_low_rank_gradients_in_the_gradient_dtype():
         model = _tiny(torch.bfloat16)
         opt = LayerwiseOptimizer(galore_param_groups(model, rank=4, update_proj_gap=2), GaLoreAdamW8bit,
                                  max_grad_norm=max_grad_norm, lr=1e-2)  # fmt: skip
+        held = []  # when the embedding's gradient, the last, arrives (the step then finishes inside backward)
+        model.embed.weight.register_hook(lambda grad: held.append(opt.accumulated_gradient_bytes()))
         for step in range(3):
             opt.set_micro_batch(0, 1)
             _loss(model, step).backward()
             if max_grad_norm is not None:
-                # up_proj 96x32 -> 96x4, down_proj 32x96 -> 4x96 (std projection); embed, lm_head full; bf16.
-                expected = 2 * (96 * 4 + 4 * 96 + 2 * 64 * 32)
-                assert opt.accumulated_gradient_bytes() == expected
+                # up_proj 96x32 -> 96x4, down_proj 32x96 -> 4x96 (std projection); lm_head full; bf16.
+                assert held[-1] == 2 * (96 * 4 + 4 * 96 + 64 * 32)
             opt.step()
         results.append([p.detach().clone() for p in model.parameters()])
     for immediate, deferred in zip(*results):
