@@ -46,6 +46,12 @@ def _validate_spec(spec: Mapping[str, Any]) -> Recipe:
 def _mark(optimizer: torch.optim.Optimizer, plan: builders.OptimizerPlan, recipe: Recipe) -> torch.optim.Optimizer:
     """Record how a Trainer must drive the optimizer (read by MemftTrainer)."""
     optimizer.memft_step_kind = plan.step_kind
+    if plan.step_kind == "in_backward":
+        optimizer.unannounced_backward_message = (
+            f"{type(optimizer).__name__} updates parameters inside backward and must be told where each backward "
+            "stands in the accumulation window, which a transformers.Trainer (or TRL trainer) does not do: train "
+            "with memft.integrations.MemftTrainer, or mix MemftTrainerMixin into your trainer class (class "
+            "MySFTTrainer(MemftTrainerMixin, SFTTrainer)).")
     if plan.step_kind == "zeroth_order":
         optimizer.memft_forward_dropout = bool(getattr(recipe.optimizer, "dropout", False))
     return optimizer

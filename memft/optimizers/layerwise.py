@@ -191,6 +191,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._pending: dict[Tensor, _Pending] = {}
         self._stepped: set[int] = set()
         self._micro_index, self._micro_total = 0, 1
+        self._announced = False  # set_micro_batch was called in this optimizer step
+        # When set, a backward that set_micro_batch did not announce raises this (optimizers built for a
+        # training loop that announces every micro-batch, e.g. a Hugging Face Trainer through memft's mixin).
+        self.unannounced_backward_message: str | None = None
         self._group_index: dict[int, int] = {}
         self._hooked: list[Tensor] = []
         self._hooks: list[Any] = []
@@ -281,6 +285,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 "call it before every backward with index = 0 .. total-1."
             )
         self._micro_index, self._micro_total = index, total
+        self._announced = True
 
     def _on_embedding_forward(
         self, weight: Tensor, module: nn.Embedding, args: tuple, kwargs: dict[str, Any], output: Tensor
@@ -309,6 +314,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if grad is None:
             return
         param.grad = None
+        if self.unannounced_backward_message is not None and not self._announced:
+            raise RuntimeError(self.unannounced_backward_message)
         if id(param) in self._stepped:
             raise RuntimeError(
                 "a parameter received a gradient after its update in this optimizer step; call opt.step() after the last "
@@ -409,6 +416,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._embedding_calls.clear()
         self._stepped.clear()
         self._micro_index, self._micro_total = 0, 1
+        self._announced = False
         return loss
 
     # ----------------------------------------------------------------- checkpointing

@@ -272,6 +272,18 @@ def test_zeroth_order_step_outside_memft_trainer_is_refused():
     assert not torch.equal(parameter.detach(), torch.zeros(3))
 
 
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_layerwise_in_a_plain_trainer_names_the_mixin(tmp_path, rows, tokenizer, grad_accum):
+    """Without the mixin nothing announces the micro-batches: the first backward says what to use instead of
+    logging grad_norm 0 (one micro-batch) or failing later (accumulation)."""
+    model = load_model()
+    spec = {"optimizer": {"name": "galore_adamw", "rank": 4, "layerwise": True}, "train": {"max_grad_norm": None}}
+    optimizer, scheduler = memft_optimizer(model, spec, 2)
+    with pytest.raises(RuntimeError, match=r"MemftTrainerMixin"):
+        fit(Trainer, model, make_args(tmp_path, max_steps=2, gradient_accumulation_steps=grad_accum), rows, tokenizer,
+            (optimizer, scheduler))
+
+
 def test_mezo_in_a_plain_trainer_names_the_mixin(tmp_path, rows, tokenizer):
     model = load_model()
     optimizer, scheduler = memft_optimizer(model, MEZO_SPEC, 2)
