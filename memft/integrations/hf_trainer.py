@@ -16,8 +16,9 @@ scheduler once and calls ``model.zero_grad()``. :class:`MemftTrainerMixin` hooks
   and no backward for the first micro-batches of a window; it keeps them, and on the last one runs
   ``MeZO.step(closure)`` once, with a closure summing the window's micro-batch losses (scaled exactly as the
   Trainer scales them for gradient accumulation), so every micro-batch sees the same perturbation z and the
-  objective is the window's mean loss. The forward passes run in eval mode (no dropout) unless the
-  optimizer came from a spec with ``optimizer.dropout: true``. The loss of the step (mean of l+ and l-) is
+  objective is the window's mean loss. The step itself is :func:`memft.train.step.zeroth_order_step`, the
+  one ``memft finetune`` takes: forward passes in eval mode (no dropout) unless the optimizer came from a
+  spec with ``optimizer.dropout: true``. The loss of the step (mean of l+ and l-) is
   returned on the last micro-batch and zero before it, so the Trainer's logged loss is the step's loss. The
   optimizer is wrapped in :class:`ForwardOnlyStep` so that the Trainer's own closure-less
   ``optimizer.step()`` after the window is a checked no-op; ``zero_grad`` finds no gradients; the scheduler
@@ -42,6 +43,7 @@ from transformers import Trainer
 from memft.integrations.hf_memory import MemftCallback
 from memft.losses.patch import serve_fused_lm_head
 from memft.optimizers.mezo import MeZO
+from memft.train.step import zeroth_order_step
 
 __all__ = ["ForwardOnlyStep", "MemftTrainer", "MemftTrainerMixin", "optimizer_step_kind"]
 
@@ -209,22 +211,19 @@ class MemftTrainerMixin:
             return torch.zeros((), device=self.args.device)
         batches, self._window_batches = self._window_batches, []
 
-        def closure() -> torch.Tensor:
-            objective = sum(self._micro_batch_objective(model, batch, num_items_in_batch) for batch in batches)
+        def objective() -> torch.Tensor:
+            total = sum(self._micro_batch_objective(model, batch, num_items_in_batch) for batch in batches)
             if self.accelerator.num_processes > 1:
-                objective = self.accelerator.reduce(objective, "mean")
-            return objective
+                total = self.accelerator.reduce(total, "mean")
+            return total
 
         optimizer = _forward_only(self.optimizer)
         if optimizer is None:
             raise RuntimeError("The zeroth-order optimizer is not wrapped in ForwardOnlyStep: it was set after "
                                "create_optimizer ran. Pass it through Trainer(optimizers=...) or "
                                "optimizer_cls_and_kwargs so that create_optimizer sees it.")
-        model.train(bool(getattr(optimizer.optimizer, "memft_forward_dropout", False)))
-        try:
-            loss = optimizer.run(closure)
-        finally:
-            model.train()
+        dropout = bool(getattr(optimizer.optimizer, "memft_forward_dropout", False))
+        loss = zeroth_order_step(model, optimizer, objective, dropout)
         return torch.as_tensor(loss, dtype=torch.float32).detach().to(self.args.device)
 
     def _micro_batch_objective(self, model: nn.Module, batch: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:

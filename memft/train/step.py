@@ -47,6 +47,23 @@ def model_loss(model, batch: dict, num_items: int) -> torch.Tensor:
 LossFn = Callable[[torch.nn.Module, dict, int], torch.Tensor]
 
 
+def zeroth_order_step(model, optimizer, objective: Callable[[], torch.Tensor | float], forward_dropout: bool):
+    """One zeroth-order step (MeZO, arXiv 2305.17333): `optimizer.step(closure)` with `objective()` (the step's
+    loss over all its micro-batches) evaluated without gradients. Both perturbed evaluations must see the same
+    function, so dropout is off unless `forward_dropout`; the model is back in train mode afterwards. The
+    training loop and the Hugging Face mixin both step through here."""
+
+    def closure():
+        with torch.no_grad():
+            return objective()
+
+    model.train(forward_dropout)
+    try:
+        return optimizer.step(closure)
+    finally:
+        model.train()
+
+
 class StepDriver:
     """Runs optimizer steps of one recipe: `driver.step(model, optimizer, micro_batches)`.
 
@@ -113,17 +130,11 @@ class StepDriver:
     def _zeroth_order(self, model, optimizer, micro: list[dict], n_items: int):
         procs = self.processes
 
-        def closure():
-            with torch.no_grad():
-                local = sum(self.loss(model, batch, n_items) for batch in micro)
+        def objective():
+            local = sum(self.loss(model, batch, n_items) for batch in micro)
             return local if procs.world == 1 else procs.sum(float(local))
 
-        # Both perturbed passes must see the same function: no dropout unless the recipe asks for it.
-        model.train(self.forward_dropout)
-        try:
-            return optimizer.step(closure)
-        finally:
-            model.train()
+        return zeroth_order_step(model, optimizer, objective, self.forward_dropout)
 
     # checkpoints -------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
