@@ -73,7 +73,7 @@ def model_source(section: ModelSection) -> tuple[str, dict[str, Any]]:
                              "downloading it. Download it once where there is network, point model.name_or_path "
                              "at a local directory holding the model, or unset HF_HUB_OFFLINE.")
         return name, options
-    if not _hub_reachable(constants.ENDPOINT):
+    if not hub_reachable(constants.ENDPOINT):
         if not cached:
             raise ModelError(f"model.name_or_path: '{shorten(name)}' is not a local directory and not in the local "
                              f"Hugging Face cache, and {constants.ENDPOINT} cannot be reached (no answer within "
@@ -101,7 +101,7 @@ def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _hub_reachable(endpoint: str) -> bool:
+def hub_reachable(endpoint: str) -> bool:
     """Whether the hub answers one HEAD request (any status) within PROBE_TIMEOUT_S. The request runs in a
     thread so that a hanging name lookup, which no socket timeout bounds, cannot stall the caller."""
     from huggingface_hub.utils import get_session

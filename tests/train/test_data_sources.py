@@ -153,6 +153,21 @@ def test_a_hub_that_does_not_answer_is_called_offline(monkeypatch):
     assert "HF_HUB_OFFLINE" not in message
 
 
+def test_a_hub_id_fails_at_once_when_the_hub_does_not_answer(monkeypatch):
+    """Without HF_HUB_OFFLINE, a hub that does not answer memft's quick probe sends `datasets` to its cache only:
+    no retries, the offline message at once."""
+    import time
+
+    import memft.train.models as models
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(models, "hub_reachable", lambda endpoint: False)
+    start = time.perf_counter()
+    message = _refused(DatasetSource(path="someone/some-data", format="text"), "this machine looks offline")
+    assert time.perf_counter() - start < 5 and "HF_HUB_OFFLINE" not in message
+    assert datasets.config.HF_HUB_OFFLINE is False  # restored
+
+
 def test_load_dataset_options_on_a_bundled_set_are_refused():
     with pytest.raises(RecipeError, match="name and data_files are options of datasets.load_dataset"):
         load_recipe(None, ["data.train={path: 'memft:text', format: text, data_files: x.jsonl}"])

@@ -10,6 +10,7 @@ a dataset folder or a hub id). The files of one source share one format. Rows ar
 from __future__ import annotations
 
 import glob
+from contextlib import contextmanager
 from pathlib import Path
 
 from memft.errors import DataError
@@ -149,13 +150,18 @@ def _load_saved(folder: Path, source: DatasetSource, key: str, path: str):
 
 # --------------------------------------------------------------------------------------- load_dataset
 def _load_dataset(path: str, source: DatasetSource, key: str):
-    """`datasets.load_dataset(path, name, data_files=..., split=...)`; its failures named by recipe key."""
+    """`datasets.load_dataset(path, name, data_files=..., split=...)`; its failures named by recipe key. A hub
+    id on a machine whose hub does not answer a quick probe (memft.train.models) is read from the local cache
+    only, so it fails at once instead of after `datasets`' own retries."""
     import datasets
 
+    offline = bool(datasets.config.HF_HUB_OFFLINE)
+    unreachable = not offline and _is_hub_id(path) and not _hub_answers()
     try:
-        return datasets.load_dataset(path, source.name, data_files=source.data_files, split=source.split)
+        with _datasets_offline(unreachable):
+            return datasets.load_dataset(path, source.name, data_files=source.data_files, split=source.split)
     except ConnectionError as exc:
-        raise DataError(_unreachable(path, key, exc)) from exc
+        raise DataError(_unreachable(path, key, exc, offline)) from exc
     except (FileNotFoundError, StopIteration) as exc:  # StopIteration: a data_files glob that matches nothing
         field = "data_files" if source.data_files is not None else "path"
         raise DataError(f"{key}.{field}: datasets.load_dataset('{path}') finds no such data: "
@@ -169,11 +175,40 @@ def _load_dataset(path: str, source: DatasetSource, key: str):
         raise DataError(f"{key}.path: datasets.load_dataset('{path}') failed: {first_line(exc)}") from exc
 
 
-def _unreachable(path: str, key: str, exc: BaseException) -> str:
+def _is_hub_id(path: str) -> bool:
+    """Not a local path and not one of `datasets`' packaged builders (json, csv, parquet, text, ...)."""
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+    return not Path(path).exists() and path not in _PACKAGED_DATASETS_MODULES
+
+
+def _hub_answers() -> bool:
+    from huggingface_hub import constants
+
+    from memft.train.models import hub_reachable
+
+    return hub_reachable(constants.ENDPOINT)
+
+
+@contextmanager
+def _datasets_offline(active: bool):
+    """`datasets` in offline mode (the local cache only) while active."""
     import datasets
 
+    if not active:
+        yield
+        return
+    previous = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE = previous
+
+
+def _unreachable(path: str, key: str, exc: BaseException, offline: bool) -> str:
     why = ("HF_HUB_OFFLINE (or HF_DATASETS_OFFLINE) is set, and it is not in the local datasets cache"
-           if datasets.config.HF_HUB_OFFLINE else "the hub cannot be reached: this machine looks offline")
+           if offline else "the hub cannot be reached: this machine looks offline")
     return (f"{key}.path: '{path}' is not a local file or folder, so it was looked up on the Hugging Face hub; "
             f"{why} ({first_line(exc).rstrip('.')}). Where there is network, download it once (e.g. "
             f"datasets.load_dataset('{path}').save_to_disk('DIR')) and point {key}.path at that folder.")
