@@ -111,6 +111,10 @@ def memft_optimizer(model: nn.Module, spec: Mapping[str, Any],
     data = _as_dict(spec)
     train = data.get("train") or {}
     if isinstance(train, Mapping):  # anything else is reported by the validation
+        if train.get("num_epochs") is not None:
+            raise ValueError("spec train.num_epochs: under a Trainer the run's length is the Trainer's "
+                             "(TrainingArguments num_train_epochs or max_steps), passed here as num_training_steps; "
+                             "drop train.num_epochs from the spec.")
         if train.get("max_steps", num_training_steps) != num_training_steps:
             raise ValueError(f"spec train.max_steps={train['max_steps']} differs from num_training_steps="
                              f"{num_training_steps}; drop train.max_steps from the spec (num_training_steps sets it).")

@@ -463,5 +463,7 @@ def test_bad_specs_are_refused_with_the_fix():
         apply_memft(model, "cut_cross_entropy")
     with pytest.raises(ValueError, match="num_training_steps"):
         memft_optimizer(model, {"train": {"max_steps": 5}}, num_training_steps=10)
+    with pytest.raises(ValueError, match="spec train.num_epochs: under a Trainer"):
+        memft_optimizer(model, {"train": {"num_epochs": 2}}, num_training_steps=10)
     with pytest.raises(ValueError, match="positive int"):
         memft_optimizer(model, {}, num_training_steps=0)
