@@ -3,8 +3,11 @@
 Measured side by side in one process, same model, batch and sequence:
 
 - peak tensor storage (``memft.memory.MemoryTracker``) of one ``MeZO.step`` against one forward pass under
-  ``torch.no_grad`` (inference), and, for context, one backprop step with plain SGD; on CUDA also the
-  allocator's ``max_memory_allocated`` for each;
+  ``torch.no_grad`` (inference), their difference (the step's scratch) against the parameters' bytes and the
+  optimizer's scratch budget, and, for context, one backprop step with plain SGD; on CUDA also the allocator's
+  ``max_memory_allocated`` for each. Rows at the preset's batch, at one sequence of 32 tokens (activations too
+  small to hide the scratch), and for a bf16 model of 84.5 MiB whose tied embedding (62.5 MiB) exceeds the
+  64 MiB budget once its z is drawn;
 - wall time of ``MeZO.step`` against twice the inference forward time (medians over interleaved repeats).
 
 Run: ``python bench/mezo.py`` (CPU, writes ``bench/results/mezo.md``), ``--quick`` for a smoke run,
@@ -27,20 +30,22 @@ from memft.optimizers.mezo import MeZO
 
 MIB = 1 << 20
 RESULTS = Path(__file__).parent / "results" / "mezo.md"
-# name: (hidden, layers, vocab, batch, sequence)
+# name: (hidden, layers, vocab, batch, sequence, tied embeddings)
 PRESETS = {
-    "quick": (128, 2, 4096, 4, 128),
-    "cpu": (256, 4, 4096, 8, 128),
-    "cuda": (1024, 8, 32000, 8, 512),
-    "cuda-large": (2048, 16, 32000, 8, 1024),
+    "quick": (128, 2, 4096, 4, 128, False),
+    "cpu": (256, 4, 4096, 8, 128, False),
+    "cuda": (1024, 8, 32000, 8, 512, False),
+    "cuda-large": (2048, 16, 32000, 8, 1024, False),
+    "scratch": (1024, 1, 32000, 1, 32, True),
 }
+SHORT = (1, 32)  # batch × sequence at which the scratch is not hidden under activations
 
 
 def build(
-    preset: str, dtype: torch.dtype, device: torch.device, sequence: int | None = None
+    preset: str, dtype: torch.dtype, device: torch.device, sequence: int | None = None, batch: int | None = None
 ) -> tuple[LlamaForCausalLM, torch.Tensor]:
-    """The preset's model and a batch of random tokens (``sequence`` overrides the preset's length)."""
-    hidden, layers, vocab, batch, preset_sequence = PRESETS[preset]
+    """The preset's model and a (batch, sequence) tensor of random tokens (arguments override the preset's)."""
+    hidden, layers, vocab, preset_batch, preset_sequence, tied = PRESETS[preset]
     torch.manual_seed(0)
     config = LlamaConfig(
         hidden_size=hidden,
@@ -49,10 +54,10 @@ def build(
         num_key_value_heads=4,
         intermediate_size=round(hidden * 8 / 3),
         vocab_size=vocab,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     model = LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
-    tokens = torch.randint(0, vocab, (batch, sequence or preset_sequence), device=device)
+    tokens = torch.randint(0, vocab, (batch or preset_batch, sequence or preset_sequence), device=device)
     return model, tokens
 
 
@@ -70,8 +75,13 @@ def peaks(
     return tracker.peak_bytes, allocated
 
 
-def memory_row(preset: str, dtype: torch.dtype, device: torch.device) -> dict[str, float]:
-    model, batch = build(preset, dtype, device)
+def memory_row(
+    preset: str, dtype: torch.dtype, device: torch.device, shape: tuple[int, int] | None = None
+) -> dict[str, float]:
+    """Peaks (MiB) of inference, a MeZO step and a backprop SGD step; the step's scratch against the parameters'
+    bytes and MeZO's budget. ``shape`` (batch, sequence) overrides the preset's."""
+    batch_size, sequence = shape or (None, None)
+    model, batch = build(preset, dtype, device, sequence, batch_size)
 
     def loss() -> torch.Tensor:
         return model(batch, labels=batch).loss
@@ -89,7 +99,9 @@ def memory_row(preset: str, dtype: torch.dtype, device: torch.device) -> dict[st
 
     backprop = peaks(model, sgd, backprop_step)
     return {
-        "params": sum(p.numel() for p in model.parameters()),
+        "param_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / MIB,
+        "budget": mezo.scratch() / MIB,
+        "tokens": batch.numel(),
         "inference": inference[0] / MIB,
         "mezo": mezo_peak[0] / MIB,
         "backprop": backprop[0] / MIB,
@@ -148,7 +160,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     preset = args.preset or ("quick" if args.quick else ("cuda" if device.type == "cuda" else "cpu"))
-    hidden, layers, vocab, batch, sequence = PRESETS[preset]
+    hidden, layers, vocab, batch, sequence, _ = PRESETS[preset]
+    scratch_hidden, scratch_layers, scratch_vocab, *_ = PRESETS["scratch"]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} thread(s)"
     command = "python bench/mezo.py" + (" --quick" if args.quick else "") + (
         f" --device {args.device}" if device.type != "cpu" else ""
@@ -163,20 +176,27 @@ def main() -> None:
         "",
         "## Peak tensor storage (MemoryTracker" + (", and CUDA max_memory_allocated" if cuda else "") + ")",
         "",
-        "| dtype | params | inference peak (MiB) | MeZO step peak (MiB) | MeZO / inference (target ≤ 1.05) "
-        "| backprop SGD step peak (MiB) | backprop / MeZO |",
-        "|---|---|---|---|---|---|---|",
+        "Scratch: the MeZO step's peak minus the inference peak; MeZO keeps it within its budget (1 % of the "
+        "parameters' bytes, at least 64 MiB). The last row is a model of "
+        f"hidden {scratch_hidden}, {scratch_layers} layer, vocab {scratch_vocab} with tied embeddings.",
+        "",
+        "| model | dtype | tokens | params (MiB) | inference peak (MiB) | MeZO step peak (MiB) | MeZO / inference "
+        "| scratch (MiB) | scratch / params | MeZO budget (MiB) | backprop SGD step peak (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for dtype in (torch.float32, torch.bfloat16):
-        row = memory_row(preset, dtype, device)
-        name = str(dtype).removeprefix("torch.")
+    rows = [(preset, dtype, shape) for dtype in (torch.float32, torch.bfloat16) for shape in (None, SHORT)]
+    for name, dtype, shape in rows + [("scratch", torch.bfloat16, None)]:
+        row = memory_row(name, dtype, device, shape)
+        dtype_name = str(dtype).removeprefix("torch.")
         sources = [("", row["inference"], row["mezo"], row["backprop"])]
         if cuda:
             sources.append((" (allocator)", row["inference_alloc"], row["mezo_alloc"], row["backprop_alloc"]))
         for label, inference, mezo, backprop in sources:
+            scratch = mezo - inference
             lines.append(
-                f"| {name}{label} | {row['params'] / 1e6:.2f} M | {inference:.2f} | {mezo:.2f} "
-                f"| {mezo / inference:.3f} | {backprop:.2f} | {backprop / mezo:.2f} |"
+                f"| {name} | {dtype_name}{label} | {row['tokens']} | {row['param_mib']:.2f} | {inference:.2f} "
+                f"| {mezo:.2f} | {mezo / inference:.3f} | {scratch:.2f} | {scratch / row['param_mib']:.4f} "
+                f"| {row['budget']:.2f} | {backprop:.2f} |"
             )
             print(lines[-1], flush=True)
     timing_dtype = torch.bfloat16 if cuda else torch.float32
