@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .filtering import compute_dtype, resolve_filter_eps
-from .op import linear_cross_entropy_forward, resolve_impl
+from .op import linear_cross_entropy_forward, linear_cross_entropy_fused, resolve_impl
 
 REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -114,6 +114,10 @@ def linear_cross_entropy(
         filter_eps: gradient filtering threshold (see :mod:`.filtering`); ``"auto"`` skips backward
             blocks below ``finfo(dtype).eps / 32`` for bf16/fp16 and never for fp32; None disables it.
 
+    With fp32 inputs, the chunked PyTorch path, no filtering, a scalar reduction and gradients to compute,
+    the gradients come out of the forward (``memft::linear_cross_entropy_fused``: three logit-sized
+    products instead of four) and the backward only scales them.
+
     Returns:
         The loss in float32 (scalar, or labels' shape for ``"none"``).  All arithmetic (logits,
         log-sum-exp, softmax, gradient accumulation) is fp32.  With ``"mean"`` and every row ignored the
@@ -124,13 +128,20 @@ def linear_cross_entropy(
     eps = resolve_filter_eps(filter_eps, compute_dtype(hidden.dtype, weight.dtype))
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1)
-    row_loss, _ = linear_cross_entropy_forward(
-        flat_hidden, weight, bias, flat_labels, int(ignore_index),
-        None if softcap is None else float(softcap), eps, impl,
-    )
-    if reduction == "none":
-        return row_loss.view(labels.shape)
-    total = row_loss.sum()
+    cap = None if softcap is None else float(softcap)
+    needs_grad = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    fp32 = all(t is None or t.dtype == torch.float32 for t in (hidden, weight, bias))
+    if reduction != "none" and impl == "torch" and fp32 and eps is None and any(needs_grad):
+        total, *_ = linear_cross_entropy_fused(
+            flat_hidden, weight, bias, flat_labels, int(ignore_index), cap, *needs_grad
+        )
+    else:
+        row_loss, _ = linear_cross_entropy_forward(
+            flat_hidden, weight, bias, flat_labels, int(ignore_index), cap, eps, impl
+        )
+        if reduction == "none":
+            return row_loss.view(labels.shape)
+        total = row_loss.sum()
     if reduction == "sum":
         return total
     if normalizer is not None:

@@ -1,6 +1,6 @@
 """``torch.library`` registration of cut cross-entropy (arXiv 2411.09009).
 
-Two custom ops, so that the loss is opaque to ``torch.compile`` and runs under ``FakeTensorMode``:
+Three custom ops, so that the loss is opaque to ``torch.compile`` and runs under ``FakeTensorMode``:
 
 - ``memft::linear_cross_entropy_forward(hidden[N,D], weight[V,D], bias[V]?, labels[N], ignore_index,
   softcap?, filter_eps?, impl) -> (loss[N] fp32, lse[N] fp32)``
@@ -8,9 +8,15 @@ Two custom ops, so that the loss is opaque to ``torch.compile`` and runs under `
   softcap?, filter_eps?, impl, needs_hidden_grad, needs_weight_grad, needs_bias_grad)
   -> (grad_hidden, grad_weight, grad_bias)``; a gradient that is not needed comes back as an empty
   tensor.
+- ``memft::linear_cross_entropy_fused(hidden, weight, bias?, labels, ignore_index, softcap?,
+  needs_hidden_grad, needs_weight_grad, needs_bias_grad) -> (loss[] fp32, lse[N] fp32, grad_hidden,
+  grad_weight, grad_bias)``: the summed loss with its gradients computed in the forward (chunked
+  PyTorch, fp32 inputs: :func:`torch_chunked.forward_backward`).
 
-The autograd formula saves only hidden, weight, bias, labels and the [N] log-sum-exp, and calls the
-backward op, which recomputes the logits block by block.  ``impl`` is ``"torch"`` (chunked PyTorch,
+The autograd formula of the forward op saves only hidden, weight, bias, labels and the [N] log-sum-exp,
+and calls the backward op, which recomputes the logits block by block.  That of the fused op scales the
+stored gradients in place by the incoming scalar; a second backward through the same graph
+(``retain_graph``) falls back to the backward op.  ``impl`` is ``"torch"`` (chunked PyTorch,
 any device) or ``"triton"`` (CUDA kernels; triton is imported on first use).  The fake kernels return
 outputs of the right shapes; the kernels' internal workspace, invisible to dispatch-mode trackers, is
 given by :func:`workspace_bytes`.
@@ -76,12 +82,14 @@ def workspace_bytes(
     device: torch.device | str = "cuda",
     backward: bool = True,
     softcap: bool = False,
+    fused: bool = False,
 ) -> int:
     """Upper bound of the temporary memory the op needs inside its kernels (bytes), forward or backward.
 
     Memory trackers built on a dispatch mode see a custom op's outputs but not what its kernels allocate
     and free internally, on real or fake tensors; add this figure to such an estimate.  ``impl`` is the
-    resolved implementation (``"torch"`` or ``"triton"``).
+    resolved implementation (``"torch"`` or ``"triton"``).  ``fused``: the fused op instead (``"torch"``,
+    fp32), which ``linear_cross_entropy`` runs for a scalar loss with gradients.
     """
     if impl == "triton":
         from . import triton_kernels
@@ -90,7 +98,7 @@ def workspace_bytes(
             num_rows, vocab_size, dim, hidden_dtype, weight_dtype, torch.device(device), backward=backward
         )
     return torch_chunked.workspace_bytes(
-        num_rows, vocab_size, dim, hidden_dtype, weight_dtype, backward=backward, softcap=softcap
+        num_rows, vocab_size, dim, hidden_dtype, weight_dtype, backward=backward, softcap=softcap, fused=fused
     )
 
 
@@ -201,4 +209,80 @@ def _backward(ctx: Any, grad_loss: Tensor, grad_lse: Tensor | None) -> tuple[Ten
 
 torch.library.register_autograd(
     "memft::linear_cross_entropy_forward", _backward, setup_context=_setup_context
+)
+
+
+@torch.library.custom_op("memft::linear_cross_entropy_fused", mutates_args=())
+def linear_cross_entropy_fused(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    labels: Tensor,
+    ignore_index: int,
+    softcap: Optional[float],
+    needs_hidden_grad: bool,
+    needs_weight_grad: bool,
+    needs_bias_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Summed loss [] and lse [N] (fp32) and its gradients; an unneeded gradient is an empty tensor."""
+    loss, lse, *grads = torch_chunked.forward_backward(
+        hidden, weight, bias, labels, ignore_index, softcap, needs_hidden_grad, needs_weight_grad,
+        needs_bias_grad,
+    )
+    return (loss, lse, *(hidden.new_empty((0,)) if g is None else g for g in grads))  # type: ignore[return-value]
+
+
+@linear_cross_entropy_fused.register_fake
+def _fused_fake(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    labels: Tensor,
+    ignore_index: int,
+    softcap: Optional[float],
+    needs_hidden_grad: bool,
+    needs_weight_grad: bool,
+    needs_bias_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    loss = hidden.new_empty((), dtype=torch.float32)
+    lse = hidden.new_empty((hidden.shape[0],), dtype=torch.float32)
+    grads = _backward_fake(
+        lse, hidden, weight, bias, labels, lse, ignore_index, softcap, None, "torch",
+        needs_hidden_grad, needs_weight_grad, needs_bias_grad,
+    )
+    return (loss, lse, *grads)
+
+
+def _setup_fused_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    hidden, weight, bias, labels, ignore_index, softcap, *_ = inputs
+    _, lse, grad_hidden, grad_weight, grad_bias = output
+    ctx.save_for_backward(hidden, weight, bias, labels, lse)
+    ctx.options = (ignore_index, softcap)
+    ctx.grads = (grad_hidden, grad_weight, grad_bias)
+    ctx.mark_non_differentiable(lse, grad_hidden, grad_weight, grad_bias)
+    ctx.set_materialize_grads(False)  # no zero-filled incoming gradients for the unused outputs
+
+
+def _fused_backward(ctx: Any, grad_loss: Tensor, *unused: Tensor | None) -> tuple[Tensor | None, ...]:
+    needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+    grads, ctx.grads = ctx.grads, None
+    if grads is None:
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        ignore_index, softcap = ctx.options
+        grads = linear_cross_entropy_backward(
+            grad_loss.expand(lse.shape), hidden, weight, bias, labels, lse, ignore_index, softcap, None,
+            "torch", needs_hidden, needs_weight, needs_bias,
+        )
+    else:
+        grads = tuple(g.mul_(grad_loss) for g in grads)
+    return (
+        grads[0] if needs_hidden else None,
+        grads[1] if needs_weight else None,
+        grads[2] if needs_bias else None,
+        None, None, None, None, None, None,
+    )
+
+
+torch.library.register_autograd(
+    "memft::linear_cross_entropy_fused", _fused_backward, setup_context=_setup_fused_context
 )

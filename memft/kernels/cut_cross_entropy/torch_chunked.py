@@ -15,6 +15,11 @@ place in the returned tensors; for bf16/fp16 inputs the hidden gradient accumula
 buffer and the classifier gradient in an fp32 buffer per vocabulary chunk, each cast once.  Rows whose
 label is ``ignore_index`` are dropped before any matrix product.
 
+Fused path (:func:`forward_backward`, fp32 inputs, scalar reduction): the forward also produces the
+gradients of the summed loss.  A block of 128 rows holds their logits over the whole vocabulary, so the
+log-sum-exp, ``softmax - onehot`` and both gradient products come from one logit product: three
+N x D x V products in all instead of four (the recompute above).  The caller's backward only scales.
+
 Workspace (bytes beyond inputs and outputs) is bounded by :func:`workspace_bytes`.
 """
 
@@ -29,6 +34,8 @@ _MIN_BLOCK_ELEMENTS = 1 << 16
 _MAX_BLOCK_ELEMENTS = 1 << 20
 _LOGITS_FRACTION = 512
 _MIN_VOCAB_CHUNK = 128
+_FUSED_ROWS = 128
+_FUSED_LOGITS_FRACTION = 8
 
 
 def plan_chunks(num_rows: int, vocab_size: int) -> tuple[int, int]:
@@ -45,6 +52,17 @@ def plan_chunks(num_rows: int, vocab_size: int) -> tuple[int, int]:
     return row_chunk, vocab_chunk
 
 
+def plan_fused_rows(num_rows: int, vocab_size: int) -> int | None:
+    """Rows per block of :func:`forward_backward`, or None when it must fall back to the recompute.
+
+    A block holds the full-vocabulary logits of ``max(128, 2**20 // V)`` rows: fewer rows would make the
+    rank-``rows`` update of the classifier gradient memory-bound.  The fused path is taken only while
+    that block is at most 1/8 of the logits (``N >= 8 * rows``).
+    """
+    rows = max(_FUSED_ROWS, _MAX_BLOCK_ELEMENTS // max(vocab_size, 1))
+    return rows if _FUSED_LOGITS_FRACTION * rows <= num_rows else None
+
+
 def workspace_bytes(
     num_rows: int,
     vocab_size: int,
@@ -54,8 +72,12 @@ def workspace_bytes(
     *,
     backward: bool,
     softcap: bool,
+    fused: bool = False,
 ) -> int:
     """Upper bound of the temporary memory of :func:`forward` (or :func:`backward`), in bytes.
+
+    ``fused``: of :func:`forward_backward` instead (fp32 inputs; ``backward`` is then ignored): its
+    block of full-vocabulary rows (two with softcap), or the recompute path's bound when it falls back.
 
     Assumes every row is valid (ignored rows only shrink the work) and counts the largest buffers alive
     at once: the fp32 copy of the hidden states (bf16/fp16 hidden), the fp32 chunk of the classifier
@@ -63,6 +85,12 @@ def workspace_bytes(
     gradient accumulator (bf16/fp16 hidden) and the fp32 classifier-gradient chunk (bf16/fp16 weight).
     Row vectors (lse, targets, indices) are counted as 32 bytes per row.
     """
+    if fused:
+        rows = plan_fused_rows(num_rows, vocab_size)
+        if rows is None:
+            return workspace_bytes(num_rows, vocab_size, dim, hidden_dtype, weight_dtype, backward=True,
+                                   softcap=softcap)
+        return 32 * num_rows + (2 if softcap else 1) * rows * vocab_size * 4
     row_chunk, vocab_chunk = plan_chunks(num_rows, vocab_size)
     f32 = 4
     total = 32 * num_rows + row_chunk * vocab_chunk * f32
@@ -274,3 +302,87 @@ def backward(
     if grad_bias is not None:
         grad_bias.copy_(grad_b32)
     return grad_hidden, grad_weight, grad_bias
+
+
+def _fused_block(
+    h: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None, targets: Tensor,
+    loss: Tensor, lse: Tensor, grad_h: Tensor | None, grad_w: Tensor | None, grad_b: Tensor | None,
+) -> None:
+    """Loss, log-sum-exp and gradient contributions of rows ``h`` [n, D] over the whole vocabulary.
+
+    ``z = softcap(h @ W.T + b)`` [n, V] is formed once; ``dz = (softmax(z) - onehot) * softcap'`` then
+    gives ``grad_h = dz @ W`` (written), ``grad_w += dz.T @ h`` and ``grad_b += dz.sum(0)``.
+    """
+    z = _logit_block(h, weight, bias, softcap)
+    target = targets.unsqueeze(1)
+    picked = z.gather(1, target).squeeze(1)
+    row_max = z.amax(dim=1, keepdim=True)
+    dz = torch.sub(z, row_max) if softcap is not None else z.sub_(row_max)
+    total = dz.exp_().sum(dim=1, keepdim=True)
+    torch.add(total.log().squeeze(1), row_max.squeeze(1), out=lse)
+    torch.sub(lse, picked, out=loss)
+    dz.div_(total).scatter_add_(1, target, dz.new_full(target.shape, -1.0))
+    if softcap is not None:
+        dz.mul_(z.div_(softcap).square_().neg_().add_(1.0))
+    if grad_b is not None:
+        grad_b.add_(dz.sum(dim=0))
+    if grad_h is not None:
+        torch.mm(dz, weight, out=grad_h)
+    if grad_w is not None:
+        grad_w.addmm_(dz.t(), h)
+
+
+def forward_backward(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    ignore_index: int,
+    softcap: float | None,
+    needs_hidden_grad: bool,
+    needs_weight_grad: bool,
+    needs_bias_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Summed loss [] and lse [N] (fp32), and the gradients of the summed loss (fp32 inputs only).
+
+    Shapes as in :func:`forward`; gradients are hidden [N, D], weight [V, D], bias [V] or None when not
+    needed.  Blocks of :func:`plan_fused_rows` rows; without such a plan (fewer than 8 blocks of rows)
+    it runs :func:`forward` then :func:`backward`, whose memory stays bounded.
+    """
+    num_rows = hidden.shape[0]
+    vocab_size = weight.shape[0]
+    block_rows = plan_fused_rows(num_rows, vocab_size)
+    if block_rows is None:
+        loss, lse = forward(hidden, weight, bias, labels, ignore_index, softcap)
+        grads = backward(
+            torch.ones_like(loss), hidden, weight, bias, labels, lse, ignore_index, softcap, None,
+            needs_hidden_grad, needs_weight_grad, needs_bias_grad,
+        )
+        return (loss.sum(), lse, *grads)
+
+    grad_hidden = torch.zeros_like(hidden) if needs_hidden_grad else None
+    grad_weight = torch.zeros_like(weight) if needs_weight_grad else None
+    grad_bias = torch.zeros_like(bias) if (needs_bias_grad and bias is not None) else None
+    lse = torch.zeros(num_rows, dtype=torch.float32, device=hidden.device)
+    valid, rows = _valid_rows(labels, ignore_index)
+    check_labels(labels, valid, vocab_size)
+    if not bool(valid.any()):
+        return lse.new_zeros(()), lse, grad_hidden, grad_weight, grad_bias
+
+    h = hidden if rows is None else hidden.index_select(0, rows)
+    targets = labels if rows is None else labels.index_select(0, rows)
+    num_valid = h.shape[0]
+    row_loss = torch.empty(num_valid, dtype=torch.float32, device=hidden.device)
+    row_lse = lse if rows is None else torch.empty_like(row_loss)
+    grad_h = grad_hidden if rows is None or grad_hidden is None else torch.empty_like(h)
+    for r0 in range(0, num_valid, block_rows):
+        r1 = min(r0 + block_rows, num_valid)
+        _fused_block(
+            h[r0:r1], weight, bias, softcap, targets[r0:r1], row_loss[r0:r1], row_lse[r0:r1],
+            None if grad_h is None else grad_h[r0:r1], grad_weight, grad_bias,
+        )
+    if rows is not None:
+        lse.index_copy_(0, rows, row_lse)
+        if grad_hidden is not None:
+            grad_hidden.index_copy_(0, rows, grad_h)
+    return row_loss.sum(), lse, grad_hidden, grad_weight, grad_bias
