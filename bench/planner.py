@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from memft.recipe_files import RECIPES_DIR, shipped_recipes  # noqa: E402
+from memft.recipe_files import RECIPES_DIR, offline_stand_in, shipped_recipes  # noqa: E402
 from memft.train.loop import finetune  # noqa: E402
 from memft.train.memory_estimate import recipe_memory  # noqa: E402
 from memft.train.recipe import load_recipe, validate_recipe  # noqa: E402
@@ -67,10 +67,11 @@ def main() -> None:
         for label, changes in SETTINGS.items():
             rows.append((label, *_compare(validate_recipe(_merged(changes, Path(tmp) / label.replace(" ", "_"))))))
         for name in shipped_recipes(kind="finetune"):
-            shipped = load_recipe(RECIPES_DIR / f"{name}.yaml")
+            stand_in = offline_stand_in(name)  # a hub model's recipe runs on the bundled one
+            shipped = load_recipe(RECIPES_DIR / f"{name}.yaml", stand_in)
             data = {**PACKED, "max_seq_len": shipped.data.max_seq_len}
             recipe = load_recipe(RECIPES_DIR / f"{name}.yaml", [
-                f"train.output_dir={Path(tmp) / name}", "train.max_steps=2", "train.device=cpu",
+                *stand_in, f"train.output_dir={Path(tmp) / name}", "train.max_steps=2", "train.device=cpu",
                 "memory.track_steps=2", f"data={json.dumps(data)}"])
             rows.append((f"recipe {name}", *_compare(recipe)))
     lines = ["# Planner vs. run (memft:tiny-llama, CPU, two tracked steps)", "",

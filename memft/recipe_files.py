@@ -40,6 +40,21 @@ def shipped_recipes(kind: str | None = None) -> list[str]:
     return [n for n in names if kind is None or recipe_kind(RECIPES_DIR / f"{n}.yaml") == kind]
 
 
+BUNDLED_STAND_IN = "memft:tiny-llama"
+
+
+def offline_stand_in(name: str) -> list[str]:
+    """Overrides that run shipped recipe `name` offline (the test suite, the CPU benches): a recipe naming a hub
+    model runs its methods, precision and sizes on the bundled tiny Llama instead, its sequence capped at that
+    model's 1024 positions; a recipe on a bundled model needs none."""
+    from memft.train.recipe import load_recipe
+
+    recipe = load_recipe(RECIPES_DIR / f"{name}.yaml")
+    if recipe.model.name_or_path.startswith("memft:"):
+        return []
+    return [f"model.name_or_path={BUNDLED_STAND_IN}", f"data.max_seq_len={min(recipe.data.max_seq_len, 1024)}"]
+
+
 def recipe_kind(path: Path) -> str:
     """A recipe's top-level `kind`: 'finetune' (no `kind`), 'continual' or 'edit'."""
     from memft.train.recipe import load_recipe_data, shorten

@@ -31,7 +31,8 @@ Deliberate choices (documented here, tested in ``tests/optimizers/test_galore.py
   and a plain parameter's update is added chunk by chunk; a low-rank update is projected back by one
   in-place ``addmm_`` into the weight (the reference materialises the ``(m, n)`` update, rounds it to
   the parameter dtype, then adds it: two roundings where memft has one). So a step never holds a
-  full-size temporary of a parameter, apart from the fp32 gradient copy an SVD refresh needs.
+  full-size temporary of a parameter, apart from the fp32 gradient copy an exact-SVD refresh makes
+  (``svd="randomized"`` reads the gradient in blocks, see :mod:`memft.optimizers.projector`).
 * The step counter is a Python ``int`` per parameter and is counted once, by this code.
 
 Everything in ``state_dict()`` is plain tensors, numbers, strings and dicts (the projector is stored

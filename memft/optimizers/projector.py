@@ -17,11 +17,14 @@ The project-back side is read from which bases are stored, never inferred from t
 :meth:`LowRankProjector.add_project_back_`, an in-place ``addmm_`` into the weight, so the full-size
 ``(m, n)`` update is never materialised.
 
-SVDs run in fp32. ``svd="exact"`` uses ``torch.linalg.svd``; if it fails to converge the matrix is
-retried with a tiny deterministic jitter, then with ``torch.svd_lowrank``. ``svd="randomized"`` is a
-randomized range finder (Halko, Martinsson & Tropp, arXiv 0909.4061) with ``oversampling`` extra
-columns and ``power_iters`` QR-stabilised power iterations; its Gaussian test matrix is drawn from a
-CPU generator seeded by ``seed`` and the refresh count, so a resumed run draws the same matrices.
+``svd="exact"`` runs ``torch.linalg.svd`` on an fp32 copy of the whole gradient; if it fails to converge
+the matrix is retried with a tiny deterministic jitter, then with ``torch.svd_lowrank``.
+``svd="randomized"`` is a randomized range finder (Halko, Martinsson & Tropp, arXiv 0909.4061) with
+``w = rank + oversampling`` columns and ``power_iters`` QR-stabilised power iterations. It never copies
+the gradient: it reads it in its own dtype, one block of rows at a time (at most ``(m + n) w`` elements,
+cast to fp32), and accumulates the ``(m, w)`` and ``(n, w)`` products in fp32, so its extra memory is
+``O((m + n) w)``. Its Gaussian test matrix is drawn from a CPU generator seeded by ``seed`` and the
+refresh count, so a resumed run draws the same matrices.
 
 The whole state (config, bases, refresh count) is plain tensors, ints and strings, so it round-trips
 through ``torch.save`` and ``torch.load(weights_only=True)``.
@@ -96,21 +99,49 @@ def _exact_svd(matrix: Tensor, k: int, oversampling: int, power_iters: int) -> t
         return u, v.mT
 
 
-def randomized_svd(matrix: Tensor, k: int, oversampling: int, power_iters: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Top-``k`` singular vectors ``(U[m, k], Vh[k, n])`` of an fp32 ``(m, n)`` matrix by a randomized range finder.
+def _block_rows(a: Tensor, width: int) -> int:
+    """Rows of ``a`` (``m × n``) read at once: a block holds at most ``(m + n) · width`` elements."""
+    m, n = a.shape
+    return max(1, (m + n) * width // n)
 
-    Sketch ``Y = M Ω`` with ``Ω ~ N(0, 1)`` of shape ``(n, k + oversampling)``, orthonormalise, run
-    ``power_iters`` subspace iterations, then take the SVD of the small ``Qᵀ M``.
+
+def _times(a: Tensor, x: Tensor, rows: int) -> Tensor:
+    """``a @ x`` in fp32 (``(m, w)``), ``a`` (``m × n``, any float dtype) read ``rows`` rows at a time."""
+    out = x.new_empty((a.shape[0], x.shape[1]))
+    for start in range(0, a.shape[0], rows):
+        torch.mm(a[start : start + rows].float(), x, out=out[start : start + rows])
+    return out
+
+
+def _transpose_times(a: Tensor, y: Tensor, rows: int) -> Tensor:
+    """``aᵀ @ y`` in fp32 (``(n, w)``), summed over blocks of ``rows`` rows of ``a`` (``m × n``)."""
+    out = y.new_zeros((a.shape[1], y.shape[1]))
+    for start in range(0, a.shape[0], rows):
+        out.addmm_(a[start : start + rows].float().mT, y[start : start + rows])
+    return out
+
+
+def randomized_svd(matrix: Tensor, k: int, oversampling: int, power_iters: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Top-``k`` singular vectors ``(U[m, k], Vh[k, n])``, fp32, of an ``(m, n)`` matrix: a randomized range finder.
+
+    Halko et al. 2011, algorithms 4.4 and 5.1, on ``A`` = the matrix with its longer side first: sketch
+    ``Y = A Ω`` with ``Ω ~ N(0, 1)`` of shape ``(cols, w)``, ``w = k + oversampling``, orthonormalise, run
+    ``power_iters`` subspace iterations, then take the SVD of the small ``(w, cols)`` matrix ``Qᵀ A``.
+    ``A`` is read in fp32 row blocks (:func:`_block_rows`) and never copied whole.
     """
-    m, n = matrix.shape
-    width = min(k + oversampling, m, n)
-    omega = torch.randn((n, width), generator=generator, dtype=torch.float32).to(matrix.device)
-    q = torch.linalg.qr(matrix @ omega).Q
+    transposed = matrix.shape[0] < matrix.shape[1]
+    a = matrix.mT if transposed else matrix
+    m, n = a.shape
+    width = min(k + oversampling, n)
+    rows = _block_rows(a, width)
+    omega = torch.randn((n, width), generator=generator, dtype=torch.float32).to(a.device)
+    q = torch.linalg.qr(_times(a, omega, rows)).Q
     for _ in range(power_iters):
-        z = torch.linalg.qr(matrix.mT @ q).Q
-        q = torch.linalg.qr(matrix @ z).Q
-    u_small, _, vh = torch.linalg.svd(q.mT @ matrix, full_matrices=False)
-    return (q @ u_small)[:, :k], vh[:k]
+        z = torch.linalg.qr(_transpose_times(a, q, rows)).Q
+        q = torch.linalg.qr(_times(a, z, rows)).Q
+    u_small, _, vh = torch.linalg.svd(_transpose_times(a, q, rows).mT, full_matrices=False)
+    u, vh = q @ u_small[:, :k], vh[:k]
+    return (vh.mT, u.mT) if transposed else (u, vh)
 
 
 class LowRankProjector:
@@ -153,12 +184,11 @@ class LowRankProjector:
         m, n = grad.shape
         use_left, use_right = _sides(self.proj_type, m, n)
         k = min(self.rank, m, n)
-        matrix = grad.detach().float()
         if self.svd == "randomized" and k + self.oversampling < min(m, n):
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.num_refreshes)
-            u, vh = randomized_svd(matrix, k, self.oversampling, self.power_iters, generator)
+            u, vh = randomized_svd(grad.detach(), k, self.oversampling, self.power_iters, generator)
         else:
-            u, vh = _exact_svd(matrix, k, self.oversampling, self.power_iters)
+            u, vh = _exact_svd(grad.detach().float(), k, self.oversampling, self.power_iters)
         self.left = u[:, :k].to(grad.dtype).contiguous() if use_left else None
         self.right = vh[:k].to(grad.dtype).contiguous() if use_right else None
         self.num_refreshes += 1

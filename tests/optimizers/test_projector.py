@@ -1,11 +1,13 @@
-"""LowRankProjector: sides, shapes, refresh schedule, randomized SVD, fallbacks, checkpointing."""
+"""LowRankProjector: sides, shapes, refresh schedule, randomized SVD (block-wise, no full-size copy), fallbacks,
+checkpointing."""
 
 import io
 
 import pytest
 import torch
 
-from memft.optimizers.projector import LowRankProjector, map_low_rank
+from memft.memory import MemoryTracker
+from memft.optimizers.projector import LowRankProjector, map_low_rank, randomized_svd
 
 
 
@@ -132,6 +134,85 @@ def test_randomized_svd_is_reproducible_from_seed_and_refresh_count():
     a.refresh(grad)
     resumed.refresh(grad)
     assert torch.equal(a.left, resumed.left) and a.num_refreshes == resumed.num_refreshes == 2
+
+
+def _low_rank_plus_noise(m: int, n: int, rank: int, noise: float, seed: int = 0) -> torch.Tensor:
+    """Rank-``rank`` signal (singular values 1 down to 0.1) plus Gaussian noise of ``noise`` times its norm."""
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(m, rank, generator=gen)).Q
+    v = torch.linalg.qr(torch.randn(n, rank, generator=gen)).Q
+    signal = (u * torch.linspace(1.0, 0.1, rank)) @ v.T
+    gaussian = torch.randn(m, n, generator=gen)
+    return signal + gaussian * (noise * signal.norm() / gaussian.norm())
+
+
+def _whole_matrix_range_finder(matrix, k, oversampling, power_iters, seed):
+    """Halko et al. 2011 on the whole fp32 matrix, with the test matrix ``randomized_svd`` draws."""
+    a = matrix.float() if matrix.shape[0] >= matrix.shape[1] else matrix.float().T
+    omega = torch.randn((a.shape[1], k + oversampling), generator=torch.Generator().manual_seed(seed))
+    q = torch.linalg.qr(a @ omega).Q
+    for _ in range(power_iters):
+        q = torch.linalg.qr(a @ torch.linalg.qr(a.T @ q).Q).Q
+    u, _, vh = torch.linalg.svd(q.T @ a, full_matrices=False)
+    u, vh = q @ u[:, :k], vh[:k]
+    return (u, vh) if matrix.shape[0] >= matrix.shape[1] else (vh.T, u.T)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2048, 96), (96, 2048)])  # tall: 43 row blocks; wide: read as its transpose
+def test_block_wise_range_finder_equals_the_whole_matrix_algorithm(shape, dtype):
+    grad = _low_rank_plus_noise(*shape, rank=16, noise=0.1).to(dtype)
+    u, vh = randomized_svd(grad, 16, 8, 2, torch.Generator().manual_seed(3))
+    ref_u, ref_vh = _whole_matrix_range_finder(grad, 16, 8, 2, seed=3)
+    assert u.shape == (shape[0], 16) and vh.shape == (16, shape[1]) and u.dtype == vh.dtype == torch.float32
+    torch.testing.assert_close(u @ u.T, ref_u @ ref_u.T, atol=1e-5, rtol=0)
+    torch.testing.assert_close(vh.T @ vh, ref_vh.T @ ref_vh, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(2048, 256), (256, 2048)])
+def test_randomized_refresh_of_a_bf16_gradient_captures_the_exact_energy(shape):
+    """Captured energy ``‖Pᵀ G‖_F / ‖G‖_F`` of the bf16 bases, noise as large as half the signal."""
+    grad = _low_rank_plus_noise(*shape, rank=64, noise=0.5).to(torch.bfloat16)
+    energies = []
+    for svd in ("exact", "randomized"):
+        projector = LowRankProjector(rank=32, svd=svd)
+        projector.refresh(grad)
+        basis = (projector.left if projector.left is not None else projector.right).double()
+        reference = grad.double()
+        captured = basis.T @ reference if projector.left is not None else reference @ basis.T
+        energies.append((captured.norm() / reference.norm()).item())
+    exact, randomized = energies
+    assert 0.5 < exact < 0.95  # the noise leaves energy outside the top-32 subspace
+    assert randomized / exact > 0.995, energies
+
+
+def _refresh_transient_bytes(svd: str, shape: tuple[int, int], fake: bool) -> int:
+    def run() -> int:
+        grad = torch.randn(*shape).to(torch.bfloat16)
+        projector = LowRankProjector(rank=8, svd=svd)
+        with MemoryTracker(None, None, device="cpu") as tracker:
+            tracker.register([grad], "gradients")
+            baseline = tracker.current_bytes
+            projector.refresh(grad)
+        return tracker.peak_bytes - baseline
+
+    if not fake:
+        return run()
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        return run()
+
+
+@pytest.mark.parametrize("shape", [(8192, 256), (256, 8192)])
+def test_randomized_refresh_holds_no_full_size_copy_of_the_gradient(shape):
+    """Block-wise: the fp32 sketch, its QR and one fp32 block, each ``(m + n) w`` elements (``w = 8 + 8``),
+    well under the fp32 copy (``4 m n`` bytes) an exact SVD makes; fake tensors (the planner) count the same."""
+    sketch_bytes = 4 * sum(shape) * 16
+    transient = _refresh_transient_bytes("randomized", shape, fake=False)
+    assert transient <= 4 * sketch_bytes < 4 * shape[0] * shape[1], (transient, sketch_bytes)
+    assert _refresh_transient_bytes("exact", shape, fake=False) > 4 * shape[0] * shape[1]
+    assert _refresh_transient_bytes("randomized", shape, fake=True) == transient
 
 
 def _failing_svd(monkeypatch, fail_shape, failures):
