@@ -172,6 +172,30 @@ def test_layerwise_galore_from_a_spec_matches_plain_galore(tmp_path, rows, token
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-5, atol=1e-6)
 
 
+def test_the_8b_recipes_composition_trains_and_resumes_in_the_trainer(tmp_path, rows, tokenizer):
+    """recipes/llama3-8b-24gb.yaml's optimizer and loss (8-bit GaLore stepped in backward, LM head low-rank,
+    randomized refreshes, clipping, cut cross-entropy) as a spec: MemftTrainer trains the tiny model with it and a
+    run resumed from its checkpoint repeats the uninterrupted run's losses."""
+    from memft.recipe_files import RECIPES_DIR
+    from memft.train.recipe import load_recipe_data
+
+    recipe = load_recipe_data(RECIPES_DIR / "llama3-8b-24gb.yaml")
+    optimizer_section = {**recipe["optimizer"], "rank": 4, "update_proj_gap": 2, "lr": 3e-3}
+    spec = {"optimizer": optimizer_section, "loss": recipe["loss"],
+            "train": {"max_grad_norm": recipe["train"]["max_grad_norm"], "lr_schedule": "constant"}}
+    runs = []
+    for resume in (None, str(tmp_path / "full" / "checkpoint-2")):
+        model, _ = apply_memft(load_model(), spec)
+        optimizer, scheduler = memft_optimizer(model, spec, num_training_steps=4)
+        args = make_args(tmp_path / "full", max_steps=4, max_grad_norm=recipe["train"]["max_grad_norm"],
+                         save_strategy="steps", save_steps=2)
+        _, recorder = fit(MemftTrainer, model, args, rows, tokenizer, (optimizer, scheduler), resume=resume)
+        runs.append(recorder.losses())
+    full, resumed = runs
+    assert len(full) == 4 and full[-1] < full[0]
+    assert resumed == full[2:]
+
+
 def test_layerwise_clipping_must_agree_with_the_trainer(tmp_path, rows, tokenizer):
     model = load_model()
     optimizer = LayerwiseOptimizer(galore_param_groups(model, rank=4), GaLoreAdamW, lr=1e-3)
