@@ -203,11 +203,6 @@ def _galore_refuses(recipe) -> list[str]:
     return []
 
 
-LAYERWISE = Variant("optimizer.layerwise", ("optimizer.name=galore_adamw", "optimizer.layerwise=true"),
-                    lambda s: bool(getattr(s, "layerwise", False)),
-                    {engine: _LAYERWISE for engine in ("ddp", "fsdp", "deepspeed")})
-
-register(Method("optimizer", AdamWSection, _adamw))
 def _bnb_not_estimable(section) -> str:
     return ("optimizer.name adamw8bit cannot be estimated: bitsandbytes' 8-bit AdamW reads its state's values on "
             "the host, which fake tensors do not have. Its state is 2 bytes per parameter and a 4-byte scale per 256 "
@@ -216,6 +211,11 @@ def _bnb_not_estimable(section) -> str:
             "memory.json.")
 
 
+LAYERWISE = Variant("optimizer.layerwise", ("optimizer.name=galore_adamw", "optimizer.layerwise=true"),
+                    lambda s: bool(getattr(s, "layerwise", False)),
+                    {engine: _LAYERWISE for engine in ("ddp", "fsdp", "deepspeed")})
+
+register(Method("optimizer", AdamWSection, _adamw))
 register(Method("optimizer", AdamW8bitSection, _adamw8bit, engines={"fsdp": _BNB_FSDP},
                 not_estimable=_bnb_not_estimable))
 register(Method("optimizer", SGDSection, _sgd))
