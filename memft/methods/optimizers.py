@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from memft.errors import RecipeError
 from memft.methods.registry import Method, Section, Variant, register
@@ -74,6 +74,16 @@ class _GaLoreKnobs(Section):
                                              "head) get plain updates.")
     layerwise: bool = Field(False, description="Step each parameter inside backward and free its gradient at "
                             "once (full gradients never coexist); accumulation happens in the low-rank space.")
+    module_ranks: dict[str, int] = Field(default_factory=dict, description="Rank per target module, for layers "
+                                         "whose last name component contains the key (e.g. {lm_head: 256}); the "
+                                         "others use optimizer.rank.")
+
+    @model_validator(mode="after")
+    def _ranks_positive(self):
+        bad = {k: v for k, v in self.module_ranks.items() if v < 1}
+        if bad:
+            raise ValueError(f"module_ranks must be >= 1, got {bad}")
+        return self
 
 
 class GaLoreAdamWSection(_GaLoreKnobs):
@@ -160,9 +170,10 @@ def _galore(model, s, recipe) -> torch.optim.Optimizer:
     try:
         groups = galore_param_groups(model, target_modules=s.target_modules, rank=s.rank,
                                      update_proj_gap=s.update_proj_gap, scale=s.scale, proj_type=s.proj_type,
-                                     svd=s.svd, weight_decay=s.weight_decay)
+                                     svd=s.svd, weight_decay=s.weight_decay, module_ranks=s.module_ranks)
     except ValueError as exc:
-        raise RecipeError(f"optimizer.target_modules: {exc}") from exc
+        key = "optimizer.module_ranks" if "module_ranks" in str(exc) else "optimizer.target_modules"
+        raise RecipeError(f"{key}: {exc}") from exc
     plain = [p for g in groups if "rank" not in g for p in g["params"]]
     groups = [g for g in groups if "rank" in g] + [  # decay on matrices only, as for the other optimizers
         {"params": [p for p in plain if p.ndim >= 2], "weight_decay": s.weight_decay},

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -560,40 +560,54 @@ def galore_param_groups(
     proj_type: str = "std",
     svd: str = "exact",
     weight_decay: float = 0.0,
+    module_ranks: Mapping[str, int] | None = None,
     **extra: Any,
 ) -> list[dict[str, Any]]:
-    """Split ``model``'s trainable parameters into a GaLore group and a plain group.
+    """Split ``model``'s trainable parameters into GaLore groups and a plain group.
 
-    A weight goes to the GaLore group when it is the 2-D ``weight`` of an ``nn.Linear`` (or HF
+    A weight goes to a GaLore group when it is the 2-D ``weight`` of an ``nn.Linear`` (or HF
     ``Conv1D``) whose last name component contains one of ``target_modules`` (default: the
     attention and MLP projections in :data:`DEFAULT_TARGET_MODULES`). Everything else that
-    requires grad (embeddings, norms, biases, the LM head) goes to the plain group. ``extra`` keys
-    (e.g. ``svd_oversampling``, ``svd_power_iters``, ``lr``) are added to the GaLore group only.
+    requires grad (embeddings, norms, biases, the LM head) goes to the plain group. ``module_ranks``
+    (e.g. ``{"lm_head": 256}``) gives the weights whose last name component contains a key that rank,
+    in a GaLore group of their own; the others take ``rank``. ``extra`` keys (e.g. ``svd_oversampling``,
+    ``svd_power_iters``, ``lr``) are added to the GaLore groups only.
     """
-    validate_projection_config(rank, update_proj_gap, proj_type, svd, extra.get("svd_oversampling", 8), extra.get("svd_power_iters", 2))
+    module_ranks = dict(module_ranks or {})
+    for r in (rank, *module_ranks.values()):
+        validate_projection_config(r, update_proj_gap, proj_type, svd, extra.get("svd_oversampling", 8),
+                                   extra.get("svd_power_iters", 2))
     user_targets = target_modules is not None
     if isinstance(target_modules, str):
         raise TypeError("`target_modules` must be a list of names, not a string; pass e.g. ['q_proj', 'v_proj'].")
     targets = tuple(target_modules) if user_targets else DEFAULT_TARGET_MODULES
-    galore_ids = set()
+    galore_rank: dict[int, int] = {}  # id(weight) -> its rank
     for name, module in model.named_modules():
         last = name.rsplit(".", 1)[-1]
         if _is_linear_like(module) and module.weight.requires_grad and any(t in last for t in targets):
-            galore_ids.add(id(module.weight))
-    if not galore_ids:
+            galore_rank[id(module.weight)] = next((r for key, r in module_ranks.items() if key in last), rank)
+    if not galore_rank:
         raise ValueError(
             f"galore_param_groups found no trainable 2-D linear weight whose module name contains one of {targets}; "
             "pass `target_modules` with the names of your model's linear layers (see model.named_modules())."
         )
-    galore_params, plain_params = [], []
+    unused = [key for key in module_ranks if not any(key in name.rsplit(".", 1)[-1] and id(getattr(m, "weight", None))
+                                                     in galore_rank for name, m in model.named_modules())]
+    if unused:
+        raise ValueError(f"module_ranks names {unused}, which match no GaLore target weight; name modules that "
+                         f"target_modules selects ({targets}).")
+    by_rank: dict[int, list[nn.Parameter]] = {}
+    plain_params = []
     for _, param in model.named_parameters():
         if param.requires_grad:
-            (galore_params if id(param) in galore_ids else plain_params).append(param)
-    galore_group = {
-        "params": galore_params, "rank": rank, "update_proj_gap": update_proj_gap, "scale": scale,
+            if id(param) in galore_rank:
+                by_rank.setdefault(galore_rank[id(param)], []).append(param)
+            else:
+                plain_params.append(param)
+    groups = [{
+        "params": params, "rank": r, "update_proj_gap": update_proj_gap, "scale": scale,
         "proj_type": proj_type, "svd": svd, "weight_decay": weight_decay, **extra,
-    }  # fmt: skip
-    groups = [galore_group]
+    } for r, params in by_rank.items()]  # fmt: skip
     if plain_params:
         groups.append({"params": plain_params, "weight_decay": weight_decay})
     return groups

@@ -296,7 +296,7 @@ def _galore_targets(model: torch.nn.Module, section) -> list[tuple[str, torch.Te
         raise RecipeError(f"optimizer.target_modules: no linear layer of the model has a name containing one of "
                           f"{shorten(str(section.target_modules))}; its linear layers are {_linear_names(model)}."
                           ) from exc
-    projected = {id(p) for p in groups[0]["params"]}
+    projected = {id(p) for g in groups if "rank" in g for p in g["params"]}
     return [(n.removesuffix(".weight"), p) for n, p in model.named_parameters() if id(p) in projected]
 
 

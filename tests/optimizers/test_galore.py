@@ -538,3 +538,18 @@ def test_steps_run_under_fake_tensor_mode(cls):
         assert state["projector"]["num_refreshes"] == 2 and state["projector"]["right"].shape == (16, 128)
         moment_shape = state["moment_shape"] if cls is GaLoreAdamW8bit else list(state["exp_avg"].shape)
         assert moment_shape == [256, 16]
+
+
+def test_module_ranks_put_their_layers_in_a_group_of_their_own():
+    """optimizer.module_ranks: the named layers get their own rank, the other targets optimizer.rank; a name that
+    matches no target is refused."""
+    from memft.optimizers.galore import galore_param_groups
+    from tests.optimizers.tiny_model import TinyModel
+
+    model = TinyModel(vocab=32)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = galore_param_groups(model, target_modules=["up_proj", "down_proj"], rank=4, module_ranks={"down": 8})
+    ranks = {names[id(p)]: g["rank"] for g in groups if "rank" in g for p in g["params"]}
+    assert ranks and all(r == (8 if "down" in n else 4) for n, r in ranks.items()) and 8 in ranks.values()
+    with pytest.raises(ValueError, match="module_ranks names \\['lm_head'\\]"):
+        galore_param_groups(model, target_modules=["up_proj"], rank=4, module_ranks={"lm_head": 8})
