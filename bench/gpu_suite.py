@@ -83,12 +83,13 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 CUT_CE = {"loss": {"name": "cut_cross_entropy"}}
 CHECKPOINTING = {"model": {"gradient_checkpointing": True}}
 
-# The best full-parameter composition the planner knows for a 24 GB card (bench/clipping.py): 8-bit GaLore
-# layer-wise at rank 64 with the LM head a GaLore target, gradient checkpointing, cut cross-entropy, clipping.
+# The best full-parameter composition the planner knows for a 24 GB card (recipes/llama3-8b-24gb.yaml,
+# bench/moonshot.py): 8-bit GaLore layer-wise at rank 64 with the LM head a GaLore target at rank 256, randomized
+# refreshes, gradient checkpointing, cut cross-entropy, clipping.
 CARD24 = {
     **CHECKPOINTING, **CUT_CE,
     "optimizer": {"name": "galore_adamw8bit", "rank": 64, "layerwise": True, "svd": GALORE_SVD,
-                  "target_modules": [*PROJECTIONS, "lm_head"]},
+                  "target_modules": [*PROJECTIONS, "lm_head"], "module_ranks": {"lm_head": 256}},
     "train": {"max_grad_norm": 1.0},
 }  # fmt: skip
 CARD24_LORA = {**CHECKPOINTING, **CUT_CE, "adapter": {"name": "lora"}}
