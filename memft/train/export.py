@@ -119,6 +119,10 @@ def export(source: Path, dest: Path) -> Path:
     if dest.exists() and any(dest.iterdir()):
         raise RunError(f"'{dest}' exists and is not empty; choose a new directory (memft export never replaces "
                        "files it did not write).")
+    staging = dest.with_name(f".tmp-{dest.name}")
+    if staging.exists():  # write_pretrained stages there; this one is not memft's to remove
+        raise RunError(f"'{staging}' exists; memft export writes '{dest}' through that name. Move it away or choose "
+                       "another directory.")
     torch.manual_seed(recipe.train.seed)
     prepared = builders.prepare_model(load_model(recipe.model), recipe)
     _load_weights(ckpt, state.get("engine", "none"), prepared.model)

@@ -207,7 +207,7 @@ class Trainer:
             self._resume(self.resume)
         result = RunResult(self.out, self.step)
         metrics = open(self.out / "metrics.jsonl", "a") if self.processes.is_main else None
-        self.trackers = (Trackers(t.report_to, self.out, self.out.name, self.recipe.model_dump(mode="json"))
+        self.trackers = (Trackers(t.report_to, self.out, self.out.resolve().name, self.recipe.model_dump(mode="json"))
                          if t.report_to and self.processes.is_main else None)
         self.model.train()
         try:

@@ -8,7 +8,7 @@ memft deletes only what it wrote. Inside a run directory it writes exactly these
     metrics.jsonl               one line per logged step and per evaluation
     memory.{json,md,png}        the memory report (memory-rank{r}.* for the other processes)
     checkpoints/                step-NNNNNNN/, .tmp-step-NNNNNNN/, latest
-    trackers/                   files of the experiment trackers (train.report_to)
+    trackers/                   trackers/<run name>/: files of the experiment trackers (train.report_to)
     final/, .tmp-final/         the trained model
 
 A run starts only in a new or empty directory, or in one that holds nothing but these entries. With
@@ -36,9 +36,10 @@ RUN_FILE = "run.json"
 LOCK_FILE = ".memft.lock"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
+TRACKERS_DIR = "trackers"
 _OWNED_FILES = re.compile(r"run\.json|\.memft\.lock|metrics\.jsonl|\.(run\.json|metrics\.jsonl)\.tmp-\d+"
                           r"|memory(-rank\d+)?\.(json|md|png)")
-_OWNED_DIRS = {CHECKPOINTS, "final", ".tmp-final", "trackers"}
+_OWNED_DIRS = {CHECKPOINTS, "final", ".tmp-final", TRACKERS_DIR}
 _OWNED_IN_CHECKPOINTS = re.compile(r"(\.tmp-)?step-\d{7}|latest|\.latest\.tmp-\d+")
 
 # Recipe keys that may differ between a run and its resumption.
@@ -176,9 +177,10 @@ def remove_owned(output_dir: Path) -> None:
     for entry in output_dir.iterdir():
         if entry.name == LOCK_FILE or not is_owned(entry):
             continue
-        if entry.name == CHECKPOINTS:
+        if entry.name in (CHECKPOINTS, TRACKERS_DIR):  # inside them, only memft's own names
             for item in entry.iterdir():
-                if _OWNED_IN_CHECKPOINTS.fullmatch(item.name):
+                if (_OWNED_IN_CHECKPOINTS.fullmatch(item.name) if entry.name == CHECKPOINTS
+                        else item.name == output_dir.resolve().name):
                     _remove(item)
             if not any(entry.iterdir()):
                 entry.rmdir()

@@ -17,9 +17,9 @@ from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 from accelerate.utils import LoggerType
 
 from memft.errors import RecipeError
+from memft.train.run_dir import TRACKERS_DIR
 
 TRACKERS = tuple(kind.value for kind in LoggerType if kind is not LoggerType.ALL)
-DIRECTORY = "trackers"
 
 
 def check_installed(names: list[str]) -> None:
@@ -51,7 +51,7 @@ class Trackers:
         self._trackers = []
         for name in names:
             cls = LOGGER_TYPE_TO_CLASS[name]
-            tracker = cls(run_name, str(output_dir / DIRECTORY)) if cls.requires_logging_directory else cls(run_name)
+            tracker = cls(run_name, str(output_dir / TRACKERS_DIR)) if cls.requires_logging_directory else cls(run_name)
             tracker.start()
             tracker.store_init_configuration(flatten(config))
             self._trackers.append(tracker)

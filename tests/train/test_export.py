@@ -43,6 +43,9 @@ def test_a_checkpoint_exports_to_a_loadable_model(tmp_path, cli, adapter, single
     assert code == 0 and "step-0000004" in stdout
     code, _, err = cli("export", out, tmp_path / "latest")
     assert code == 2 and "not empty" in err
+    (tmp_path / ".tmp-other").mkdir()  # the staging name of DEST 'other' is someone else's: left alone
+    code, _, err = cli("export", out, tmp_path / "other")
+    assert code == 2 and "Move it away" in err and (tmp_path / ".tmp-other").is_dir()
 
 
 def test_a_damaged_checkpoint_is_refused(tmp_path, cli, single_thread):

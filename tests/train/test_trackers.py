@@ -30,8 +30,10 @@ def test_metrics_reach_tensorboard_and_the_console(tmp_path, cli, single_thread)
     assert {"lr", "tokens_per_s", "eval_perplexity", "tracked_peak_bytes"} <= set(scalars)
     metrics = [line for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(metrics) == 3
-    code, _, err = cli("finetune", recipe, "--overwrite")  # memft owns trackers/
-    assert code == 0 and not any("trackers" in line and "kept" in line for line in err.splitlines())
+    (out / "trackers" / "notes.txt").write_text("mine")  # inside trackers/ memft owns trackers/<run name> only
+    code, _, err = cli("finetune", recipe, "--overwrite")
+    assert code == 0, err
+    assert (out / "trackers" / "notes.txt").read_text() == "mine" and (out / "trackers" / "run").is_dir()
 
 
 def test_a_tracker_that_is_not_installed_is_refused(tmp_path, cli, monkeypatch):
